@@ -1,0 +1,237 @@
+"""Configuration: TOML validated once into frozen models.
+
+`config.example.toml` documents every key; a test keeps the two in step. A
+wrong or missing key stops start-up with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from iqmaild.core.addresses import normalize
+
+ENV_VAR = "IQMAILD_CONFIG"
+DEFAULT_PATH = Path("/etc/iqmaild/iqmaild.toml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+HostPort = Annotated[str, Field(min_length=3)]
+
+
+class DatabaseConfig(_Section):
+    url: str
+    pool_size: int = Field(default=5, ge=1, le=100)
+
+
+class SmtpConfig(_Section):
+    listen: HostPort = "127.0.0.1:2526"
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    hostname: str = "localhost"
+    desk_addresses: tuple[str, ...]
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_recipients: int = Field(default=100, ge=1)
+    group_commit_max: int = Field(default=64, ge=1, le=10000)
+
+    _listen = field_validator("listen")(lambda v: _host_port(v))
+
+    @field_validator("desk_addresses")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one address")
+        out = []
+        for item in value:
+            norm = normalize(item)
+            if norm is None:
+                raise ValueError(f"{item!r} is not an email address")
+            out.append(norm)
+        return tuple(out)
+
+
+class HttpConfig(_Section):
+    listen: HostPort = "127.0.0.1:8026"
+    public_url: str
+    panel_token: str = Field(default="", description="Bearer token of the Customer Panel")
+    authorize_attempts_per_minute: int = Field(default=30, ge=1)
+
+    _listen = field_validator("listen")(lambda v: _host_port(v))
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class RateLimitConfig(_Section):
+    per_recipient_10min: int = Field(default=5, ge=0)
+    per_recipient_day: int = Field(default=20, ge=0)
+    per_ticket_day: int = Field(default=10, ge=0)
+
+
+class OutboundConfig(_Section):
+    relay: HostPort = "127.0.0.1:25"
+    from_: str = Field(alias="from")
+    staff_address: str
+    message_id_domain: str = ""
+    connect_timeout: float = Field(default=15.0, gt=0)
+    max_attempts: int = Field(default=12, ge=1)
+    retry_base_seconds: float = Field(default=30.0, gt=0)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    idle_close_seconds: float = Field(default=20.0, gt=0)
+    bounce_suppress_hours: int = Field(default=72, ge=0)
+    rate_limit: RateLimitConfig = RateLimitConfig()
+
+    _relay = field_validator("relay")(lambda v: _host_port(v))
+
+    @field_validator("staff_address")
+    @classmethod
+    def _staff(cls, value: str) -> str:
+        if normalize(value) is None:
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+
+class TicketsConfig(_Section):
+    tag_prefix: str = "IQ.pl"
+    number_start: int = Field(default=1, ge=1)
+    link_ttl_hours: int = Field(default=72, ge=1)
+
+    @field_validator("tag_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", value):
+            raise ValueError("letters, digits, dot, dash or underscore, at most 32")
+        return value
+
+
+class SecurityConfig(_Section):
+    secret_key: str = Field(min_length=32)
+    admin_header_patterns: tuple[str, ...] = ("X-Mailer: IQ\\.Admin",)
+    admin_senders: tuple[str, ...] = ()
+    dmarc_enforce: bool = False
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+    @field_validator("admin_header_patterns")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            name, sep, pattern = item.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"{item!r} must be 'Header-Name: regex'")
+            try:
+                re.compile(pattern.strip())
+            except re.error as exc:
+                raise ValueError(f"{item!r}: {exc}") from None
+        return value
+
+
+class NoticesConfig(_Section):
+    notify_unknown_senders: bool = True
+    default_lang: Literal["pl", "en"] = "pl"
+    panel_url: str = "https://panel.iq.pl"
+
+
+class ProcessingConfig(_Section):
+    max_attempts: int = Field(default=5, ge=1)
+    retry_seconds: float = Field(default=30.0, gt=0)
+
+
+class TemplatesConfig(_Section):
+    override_dir: str = ""
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    database: DatabaseConfig
+    smtp: SmtpConfig
+    http: HttpConfig
+    outbound: OutboundConfig
+    tickets: TicketsConfig = TicketsConfig()
+    security: SecurityConfig
+    notices: NoticesConfig = NoticesConfig()
+    processing: ProcessingConfig = ProcessingConfig()
+    templates: TemplatesConfig = TemplatesConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def key(self) -> bytes:
+        return self.security.secret_key.encode()
+
+    @property
+    def message_id_domain(self) -> str:
+        if self.outbound.message_id_domain:
+            return self.outbound.message_id_domain
+        from email.policy import default
+
+        header = default.header_factory("from", self.outbound.from_)
+        addresses = getattr(header, "addresses", ())
+        return (addresses[0].domain if addresses else "") or "localhost"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]).replace("from_", "from")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "missing required key"
+    elif err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}: {message}"
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config; every problem is one ConfigError line."""
+    file = resolve_path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(file))
+
+
+def parse_config(data: dict[str, object], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None

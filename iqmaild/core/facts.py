@@ -1,0 +1,114 @@
+"""The inputs of classification: what a message says, what the directory knows.
+
+Plain frozen data, built by the adapters; the policy reads nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from iqmaild.core.tag import TagMatch
+from iqmaild.core.vocabulary import Channel, Role
+
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """What the parser established about one message."""
+
+    channel: Channel
+    from_addresses: tuple[str, ...]  # normalized mailboxes of the From header(s)
+    from_defect: bool  # no From, several From headers, or an unparseable one
+    recipients: tuple[str, ...]  # normalized To + Cc mailboxes
+    subject: str  # decoded, unfolded, control characters removed
+    tag: TagMatch | None = None
+    thread_ticket: int | None = None  # from a signed reference in In-Reply-To/References
+    null_return_path: bool = False
+    auto_submitted: str | None = None  # lowercased value of Auto-Submitted
+    precedence: str | None = None
+    list_id: bool = False
+    autoreply_headers: bool = False  # X-Autoreply, X-Autorespond and kin
+    delivery_report: bool = False  # multipart/report; report-type=delivery-status
+    dmarc_fail: bool = False  # from a trusted Authentication-Results header
+    panel_account_id: str | None = None  # the Customer Panel names the account
+    panel_service_id: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # (lowercased name, decoded value)
+
+    @property
+    def sender(self) -> str | None:
+        """The single From mailbox, when there is exactly one."""
+        if self.from_defect or len(self.from_addresses) != 1:
+            return None
+        return self.from_addresses[0]
+
+
+@dataclass(frozen=True)
+class AddressEntry:
+    account_id: str
+    role: Role  # primary, technical or additional
+
+
+@dataclass(frozen=True)
+class ShareEntry:
+    account_id: str
+    service_id: str
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """The part of the directory that the addresses of one message touch."""
+
+    addresses: Mapping[str, tuple[AddressEntry, ...]] = field(default_factory=dict)
+    shares: Mapping[str, tuple[ShareEntry, ...]] = field(default_factory=dict)
+
+    def entries(self, email: str) -> tuple[AddressEntry, ...]:
+        return self.addresses.get(email, ())
+
+    def shares_of(self, email: str) -> tuple[ShareEntry, ...]:
+        return self.shares.get(email, ())
+
+    def is_primary(self, email: str, account_id: str) -> bool:
+        return any(
+            e.account_id == account_id and e.role is Role.PRIMARY for e in self.entries(email)
+        )
+
+    def shared_services(self, email: str, account_id: str) -> tuple[str, ...]:
+        return tuple(s.service_id for s in self.shares_of(email) if s.account_id == account_id)
+
+    def may_act(self, email: str, account_id: str, service_id: str | None) -> bool:
+        """Primary of the account, or a share on the service (any service while none is set)."""
+        if self.is_primary(email, account_id):
+            return True
+        services = self.shared_services(email, account_id)
+        if service_id is None:
+            return bool(services)
+        return service_id in services
+
+    def eligible_accounts(self, email: str) -> tuple[str, ...]:
+        """Accounts on which the address holds an explicit grant (primary or a share)."""
+        accounts = {e.account_id for e in self.entries(email) if e.role is Role.PRIMARY}
+        accounts |= {s.account_id for s in self.shares_of(email)}
+        return tuple(sorted(accounts))
+
+
+@dataclass(frozen=True)
+class TicketView:
+    """The ticket a message refers to, as far as classification needs it."""
+
+    number: int
+    code: str
+    account_id: str | None
+    service_id: str | None
+    closed: bool = False
+    authorized: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The configured parts of the rules."""
+
+    desk_addresses: frozenset[str]
+    admin_header_patterns: tuple[tuple[str, str], ...] = ()  # (lowercased name, regex)
+    admin_senders: frozenset[str] = frozenset()
+    dmarc_enforce: bool = False
+    notify_unknown_senders: bool = True

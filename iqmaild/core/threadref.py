@@ -1,0 +1,45 @@
+"""Signed ticket references in our outbound Message-IDs.
+
+Mail clients and other helpdesks strip or rewrite subjects; a reply still carries
+our Message-ID in In-Reply-To/References. The reference names the ticket and is
+signed with the daemon key, so an outsider cannot forge one to file mail under
+a ticket of their choosing. It never authorizes: only the code does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+_SIG_HEX = 16
+_REF = re.compile(r"<iq\.(\d{1,18})\.([0-9a-z]{6,40})\.([0-9a-f]{16})@([^<>\s]+)>", re.IGNORECASE)
+
+
+def _signature(key: bytes, number: int, unique: str) -> str:
+    mac = hmac.new(key, b"iqmaild-msgid\x00%d\x00" % number + unique.encode(), hashlib.sha256)
+    return mac.hexdigest()[:_SIG_HEX]
+
+
+def make_message_id(key: bytes, number: int | None, unique: str, domain: str) -> str:
+    """A Message-ID of our domain; with a ticket number it carries a signed reference."""
+    if number is None:
+        return f"<iq.{unique}@{domain}>"
+    return f"<iq.{number}.{unique}.{_signature(key, number, unique)}@{domain}>"
+
+
+def find_ticket_reference(key: bytes, domain: str, *headers: str) -> int | None:
+    """The ticket named by the newest valid signed reference among the given headers.
+
+    Headers are given newest-first (In-Reply-To, then References); within
+    References the last id is the newest.
+    """
+    for header in headers:
+        for match in reversed(list(_REF.finditer(header or ""))):
+            number, unique, sig, ref_domain = match.groups()
+            if ref_domain.lower() != domain.lower():
+                continue
+            expected = _signature(key, int(number), unique.lower())
+            if hmac.compare_digest(expected, sig.lower()):
+                return int(number)
+    return None
