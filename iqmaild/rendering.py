@@ -62,7 +62,7 @@ class RenderedMail:
 class Renderer:
     """Renders `mail/{lang}/{name}.txt|.html` and `web/{lang}/{name}.html`."""
 
-    def __init__(self, override_dir: Path | None = None, shipped_dir: Path | None = None):
+    def __init__(self, override_dir: Path | None = None, shipped_dir: Path | None = None) -> None:
         loaders: list[BaseLoader] = []
         if override_dir is not None:
             loaders.append(FileSystemLoader(str(override_dir)))

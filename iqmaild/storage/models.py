@@ -159,7 +159,7 @@ class Message(Base):
     rcpt_to: Mapped[list[str]] = mapped_column(JSON, default=list)
     peer: Mapped[str] = mapped_column(String(128), default="")
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    raw_sha256: Mapped[str] = mapped_column(String(64))
+    raw_sha256: Mapped[str] = mapped_column(String(64), index=True)
     message_id: Mapped[str] = mapped_column(String(998), default="", index=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # received -> processed, or dead after processing.max_attempts failures

@@ -1,0 +1,228 @@
+"""Ticket and outbox commands for desk operators."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import select, update
+
+from iqmaild.cli import main
+from iqmaild.cli.common import Fail, emit, run_job
+from iqmaild.core.vocabulary import TicketState
+from iqmaild.ingest.parse import body_preview
+from iqmaild.outbound.compose import ThreadInfo
+from iqmaild.process import act, tickets
+from iqmaild.storage.directory import view_for
+from iqmaild.storage.models import Message, OutboxItem, Service, Ticket, utcnow
+
+
+def _ticket_row(t: Ticket) -> dict[str, Any]:
+    return {"number": t.number, "state": t.state, "authorization": t.authorization,
+            "account": t.account_id or "", "service": t.service_id or "",
+            "requester": t.requester or "", "channel": t.channel, "subject": t.subject,
+            "updated": t.updated_at.isoformat(timespec="seconds")}  # fmt: skip
+
+
+async def _ticket(session: Any, number: int) -> Ticket:
+    ticket = await tickets.by_number(session, number)
+    if ticket is None:
+        raise LookupError(f"no ticket {number}")
+    return ticket
+
+
+@main.group()
+def ticket() -> None:
+    """Tickets: list, show, close, reopen, set-service, reply."""
+
+
+@ticket.command("list")
+@click.option("--state", type=click.Choice(["open", "closed", "all"]), default="all")
+@click.option("--limit", type=int, default=100)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ticket_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> None:
+    """Newest tickets first."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.read() as session:
+            query = select(Ticket).order_by(Ticket.number.desc()).limit(limit)
+            if state != "all":
+                query = query.where(Ticket.state == state)
+            return [_ticket_row(t) for t in await session.scalars(query)]
+
+    emit(run_job(ctx, work), as_json,
+         ["number", "state", "authorization", "account", "requester", "subject"])  # fmt: skip
+
+
+@ticket.command("show")
+@click.argument("number", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ticket_show(ctx: click.Context, number: int, as_json: bool) -> None:
+    """A ticket with its messages and their decisions."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.read() as session:
+            t = await _ticket(session, number)
+            messages = await session.scalars(
+                select(Message).where(Message.ticket_id == t.id).order_by(Message.id)
+            )
+            out = _ticket_row(t)
+            out["messages"] = [
+                {"id": m.id, "received": m.received_at.isoformat(timespec="seconds"),
+                 "channel": m.channel, "from": m.from_address, "subject": m.subject,
+                 "decision": m.decision, "reasons": m.reasons, "sender_role": m.sender_role,
+                 "body": body_preview(m.raw, 2000)}
+                for m in messages
+            ]  # fmt: skip
+            return out
+
+    data = run_job(ctx, work)
+    if as_json:
+        emit(data, True, [])  # type: ignore[arg-type]
+        return
+    for key in ("number", "state", "authorization", "account", "service", "requester",
+                "subject"):  # fmt: skip
+        click.echo(f"{key:14} {data[key]}")
+    for m in data["messages"]:
+        reasons = ",".join(m["reasons"]) or "-"
+        click.echo(f"\n#{m['id']} {m['received']} {m['channel']} from {m['from']} "
+                   f"[{m['decision']}: {reasons}]\n{m['body'].strip()[:1000]}")  # fmt: skip
+
+
+def _set_state(state: TicketState):  # type: ignore[no-untyped-def]
+    @click.argument("number", type=int)
+    @click.pass_context
+    def command(ctx: click.Context, number: int) -> None:
+        async def work(config, db):  # type: ignore[no-untyped-def]
+            async with db.transaction() as session:
+                t = await _ticket(session, number)
+                changed = tickets.set_state(t, state)
+                if changed:
+                    act.audit(session, f"ticket.{state.value}", ticket=t, actor="cli")
+                return changed
+
+        changed = run_job(ctx, work)
+        click.echo(f"ticket {number} {state.value}" + ("" if changed else " (no change)"))
+
+    return command
+
+
+ticket.command("close", help="Close a ticket (a follow-up reopens it).")(
+    _set_state(TicketState.CLOSED)
+)
+ticket.command("reopen", help="Reopen a closed ticket.")(_set_state(TicketState.OPEN))
+
+
+@ticket.command("set-service")
+@click.argument("number", type=int)
+@click.argument("service_id")
+@click.pass_context
+def ticket_set_service(ctx: click.Context, number: int, service_id: str) -> None:
+    """Scope a ticket to one service of its account."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.transaction() as session:
+            t = await _ticket(session, number)
+            service = await session.get(Service, service_id)
+            if service is None:
+                raise LookupError(f"no service {service_id}")
+            if t.account_id and service.account_id != t.account_id:
+                raise LookupError(f"service {service_id} is not of account {t.account_id}")
+            t.account_id, t.service_id, t.updated_at = service.account_id, service.id, utcnow()
+            act.audit(session, "ticket.service_set", ticket=t, actor="cli", service=service_id)
+
+    run_job(ctx, work)
+    click.echo(f"ticket {number}: service {service_id}")
+
+
+@ticket.command("reply")
+@click.argument("number", type=int)
+@click.option("--body-file", required=True, type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="UTF-8 text of the reply ('-' not accepted)")  # fmt: skip
+@click.pass_context
+def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
+    """Send a desk reply to the ticket's requester, tag preserved, through the outbox."""
+    try:
+        body = body_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Fail(f"{body_file}: {exc}") from None
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        from iqmaild.service import build_desk
+
+        desk = build_desk(config)
+        async with db.transaction() as session:
+            t = await _ticket(session, number)
+            if not t.requester:
+                raise LookupError(f"ticket {number} has no requester address to reply to")
+            directory = await view_for(session, [t.requester])
+            may_see_code = bool(t.account_id) and directory.may_act(
+                t.requester, t.account_id or "", t.service_id
+            )
+            last = await session.scalar(
+                select(Message).where(Message.ticket_id == t.id,
+                                      Message.from_address == t.requester)
+                .order_by(Message.id.desc()).limit(1)
+            )  # fmt: skip
+            ids = re.findall(r"<([^<>\s]+)>", last.message_id) if last else []
+            thread = ThreadInfo(ids[0] if ids else "", (), None)
+            await act.customer_mail(session, desk, kind="staff_reply", ticket=t,
+                                    recipient=t.requester, include_code=may_see_code,
+                                    thread=thread, automatic=False, body=body)  # fmt: skip
+            act.audit(session, "ticket.replied", ticket=t, actor="cli", chars=len(body))
+            return t.requester
+
+    recipient = run_job(ctx, work)
+    click.echo(f"ticket {number}: reply to {recipient} queued")
+
+
+@main.group()
+def outbox() -> None:
+    """The persistent outbox."""
+
+
+@outbox.command("list")
+@click.option("--state", type=click.Choice(["queued", "sending", "sent", "failed", "all"]),
+              default="all")  # fmt: skip
+@click.option("--limit", type=int, default=100)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def outbox_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> None:
+    """Outbound mail, newest first."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.read() as session:
+            query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
+            if state != "all":
+                query = query.where(OutboxItem.state == state)
+            return [{"id": o.id, "kind": o.kind, "state": o.state, "recipient": o.recipient,
+                     "attempts": o.attempts, "ticket_id": o.ticket_id,
+                     "created": o.created_at.isoformat(timespec="seconds"),
+                     "last_error": o.last_error or ""}
+                    for o in await session.scalars(query)]  # fmt: skip
+
+    emit(run_job(ctx, work), as_json, ["id", "kind", "state", "recipient", "attempts",
+                                       "last_error"])  # fmt: skip
+
+
+@outbox.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.pass_context
+def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
+    """Queue failed mail again (all failed rows, or the given ids)."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.transaction() as session:
+            query = update(OutboxItem).where(OutboxItem.state == "failed")
+            if ids:
+                query = query.where(OutboxItem.id.in_(ids))
+            result = await session.execute(
+                query.values(state="queued", next_attempt_at=utcnow(), attempts=0)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    click.echo(f"{run_job(ctx, work)} message(s) queued again")

@@ -1,0 +1,233 @@
+"""Raw bytes to `MessageFacts`: the parser side of classification.
+
+Uses ``email.policy.default`` (never ``parseaddr``/``getaddresses``, which
+misparse crafted addresses, CVE-2023-27043) and treats every header access as
+fallible: bad input becomes defects and facts, never an exception.
+"""
+
+from __future__ import annotations
+
+import email
+import re
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from typing import Any
+
+from iqmaild.core import threadref
+from iqmaild.core.addresses import domain_of, normalize
+from iqmaild.core.facts import MessageFacts
+from iqmaild.core.tag import TagFormat
+from iqmaild.core.vocabulary import Channel
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
+_MSGID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,250})>")
+_THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
+_HEADER_VALUE_LIMIT = 2000
+STORED_HEADERS = ("from", "to", "cc", "reply-to", "sender", "subject", "date", "message-id")
+
+
+def clean_text(value: str, limit: int = _HEADER_VALUE_LIMIT) -> str:
+    """Decoded header text with CR/LF/NUL and other controls removed (CVE-2024-6923)."""
+    return " ".join(_CONTROLS.sub(" ", value).split())[:limit]
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    facts: MessageFacts
+    message_id: str  # without angle brackets; "" when absent or unusable
+    references: tuple[str, ...]  # message ids, oldest first
+    thread_index: str | None  # Outlook's Thread-Index, when well-formed
+    subject: str
+    headers: dict[str, str] = field(default_factory=dict)
+    defects: tuple[str, ...] = ()
+
+
+def _safe_all(msg: EmailMessage, name: str) -> list[Any]:
+    try:
+        return list(msg.get_all(name) or [])
+    except Exception:
+        return []
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return ""
+
+
+def _first(msg: EmailMessage, name: str) -> str:
+    values = _safe_all(msg, name)
+    return clean_text(_safe_str(values[0])) if values else ""
+
+
+# Decoding trouble in a display name is not a malformed address.
+_COSMETIC_DEFECTS = frozenset({"UndecodableBytesDefect", "CharsetError", "NonPrintableDefect"})
+
+
+def _mailboxes(header: Any) -> tuple[list[str], bool]:
+    """Normalized addresses of an address header, and whether it is malformed."""
+    defects = getattr(header, "defects", None) or ()
+    defective = any(type(d).__name__ not in _COSMETIC_DEFECTS for d in defects)
+    out: list[str] = []
+    try:
+        addresses = header.addresses
+    except Exception:
+        return out, True
+    for address in addresses:
+        try:
+            spec = address.addr_spec
+        except Exception:
+            defective = True
+            continue
+        norm = normalize(spec) if address.username and address.domain else None
+        if norm is None:
+            defective = True
+            continue
+        out.append(norm)
+    return out, defective
+
+
+def _from_addresses(msg: EmailMessage) -> tuple[tuple[str, ...], bool]:
+    headers = _safe_all(msg, "from")
+    if len(headers) != 1:
+        return (), True
+    found, defective = _mailboxes(headers[0])
+    return tuple(found), defective or len(found) != 1
+
+
+def _recipients(msg: EmailMessage, limit: int = 5000) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in ("to", "cc"):
+        for header in _safe_all(msg, name):
+            found, _ = _mailboxes(header)
+            out.extend(found)
+            if len(out) >= limit:
+                return tuple(out[:limit])
+    return tuple(out)
+
+
+def _message_ids(value: str) -> list[str]:
+    return _MSGID.findall(value or "")
+
+
+def _auth_results_dmarc_fail(msg: EmailMessage, trusted: frozenset[str], from_domain: str) -> bool:
+    """DMARC failure reported by the first Authentication-Results of a trusted host."""
+    if not trusted or not from_domain:
+        return False
+    for value in _safe_all(msg, "authentication-results"):
+        text = clean_text(_safe_str(value), 4000)
+        authserv = text.split(";", 1)[0].strip().split()[0].lower() if text else ""
+        if authserv not in trusted:
+            continue
+        match = re.search(r"\bdmarc\s*=\s*(\w+)(?P<rest>[^;]*)", text, re.IGNORECASE)
+        if match is None:
+            return False
+        header_from = re.search(r"header\.from\s*=\s*([^\s;]+)", match.group("rest"), re.I)
+        if header_from and header_from.group(1).lower().rstrip(".") != from_domain:
+            return False
+        return match.group(1).lower() == "fail"
+    return False
+
+
+def _report_type(msg: EmailMessage) -> str | None:
+    try:
+        if msg.get_content_type() != "multipart/report":
+            return None
+        return str(msg.get_param("report-type", "") or "").lower()
+    except Exception:
+        return None
+
+
+def _embedded_headers(msg: EmailMessage) -> str:
+    """The returned message's headers inside a delivery report, as text."""
+    try:
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if ctype == "text/rfc822-headers":
+                payload = part.get_payload(decode=True) or b""
+                return payload.decode("utf-8", "replace")[:20000]
+            if ctype == "message/rfc822":
+                inner = part.get_payload()
+                if isinstance(inner, list) and inner:
+                    return "".join(f"{k}: {_safe_str(v)}\n" for k, v in inner[0].items())
+    except Exception:
+        return ""
+    return ""
+
+
+def parse_message(
+    raw: bytes,
+    *,
+    mail_from: str,
+    tags: TagFormat,
+    key: bytes,
+    msgid_domain: str,
+    trusted_authserv_ids: frozenset[str] = frozenset(),
+    channel: Channel = Channel.SMTP,
+) -> ParsedMail:
+    """Everything classification and threading need from one raw message."""
+    msg: EmailMessage = email.message_from_bytes(raw, policy=policy.default)  # type: ignore[assignment]
+    defects = [type(d).__name__ for d in getattr(msg, "defects", [])]
+    from_addresses, from_defect = _from_addresses(msg)
+    subject = _first(msg, "subject")
+    in_reply_to = _first(msg, "in-reply-to")
+    references_text = " ".join(_safe_str(v) for v in _safe_all(msg, "references"))
+    references = tuple(_message_ids(references_text))[-50:]
+    ids = _message_ids(_first(msg, "message-id"))
+    report = _report_type(msg)
+    tag = tags.find(subject)
+    thread_ticket = threadref.find_ticket_reference(key, msgid_domain, in_reply_to, references_text)
+    if report is not None and (tag is None and thread_ticket is None):
+        embedded = _embedded_headers(msg)
+        thread_ticket = threadref.find_ticket_reference(key, msgid_domain, embedded)
+        tag = tags.find(clean_text(embedded, 20000))
+    auto_submitted = _first(msg, "auto-submitted").split(";", 1)[0].strip().lower() or None
+    precedence = _first(msg, "precedence").lower() or None
+    if precedence == "auto_reply" and auto_submitted is None:
+        auto_submitted = "auto-replied"
+    autoreply = any(_safe_all(msg, h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder"))
+    sender = from_addresses[0] if len(from_addresses) == 1 and not from_defect else ""
+    header_pairs = []
+    for name, value in list(msg.items())[:200]:
+        header_pairs.append((name.lower(), clean_text(_safe_str(value))))
+    facts = MessageFacts(
+        channel=channel,
+        from_addresses=from_addresses,
+        from_defect=from_defect,
+        recipients=_recipients(msg),
+        subject=subject,
+        tag=tag,
+        thread_ticket=thread_ticket,
+        null_return_path=mail_from.strip() in ("", "<>"),
+        auto_submitted=auto_submitted,
+        precedence=precedence,
+        list_id=bool(_safe_all(msg, "list-id")),
+        autoreply_headers=autoreply,
+        delivery_report=report in ("delivery-status", "disposition-notification"),
+        dmarc_fail=_auth_results_dmarc_fail(msg, trusted_authserv_ids, domain_of(sender)),
+        headers=tuple(header_pairs),
+    )
+    thread_index = _first(msg, "thread-index")
+    return ParsedMail(
+        facts=facts,
+        message_id=ids[0] if ids else "",
+        references=tuple(dict.fromkeys([*references, *_message_ids(in_reply_to)])),
+        thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
+        subject=subject,
+        headers={h: _first(msg, h) for h in STORED_HEADERS if _safe_all(msg, h)},
+        defects=tuple(defects),
+    )
+
+
+def body_preview(raw: bytes, limit: int = 4000) -> str:
+    """The first text/plain part, decoded leniently, for operators' eyes."""
+    try:
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        part = msg.get_body(preferencelist=("plain", "html"))  # type: ignore[attr-defined]
+        if part is None:
+            return ""
+        return str(part.get_content())[:limit]
+    except Exception:
+        return "(body could not be decoded)"

@@ -1,0 +1,188 @@
+"""Building outbound mail: customer mail from templates, staff deliveries.
+
+Every header value is plain text we chose or cleaned; no header object from an
+incoming message is ever copied (CVE-2024-6923). Ticket mail carries the tag
+exactly once, threads on the customer's message and carries a signed
+reference in its Message-ID.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+from iqmaild.config import Config
+from iqmaild.core import threadref
+from iqmaild.core.tag import TagFormat
+from iqmaild.ingest.parse import clean_text
+from iqmaild.rendering import Renderer
+
+# SMTP line endings; long ASCII ids fold at spaces, never into encoded words.
+MAIL_POLICY = policy.SMTP.clone(max_line_length=998)
+_SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
+_XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Composed:
+    content: bytes
+    message_id: str  # with angle brackets
+
+
+@dataclass(frozen=True)
+class ThreadInfo:
+    """What a reply needs from the message it answers (already cleaned)."""
+
+    message_id: str = ""
+    references: tuple[str, ...] = ()
+    thread_index: str | None = None
+
+
+@dataclass(frozen=True)
+class TicketRef:
+    """What templates may show of a ticket; ``tag`` is full or short by recipient."""
+
+    number: int
+    tag: str
+    subject: str
+
+
+def _child_thread_index(parent: str) -> str | None:
+    """Outlook's Thread-Index of a reply: the parent's bytes plus a 5-byte child block."""
+    try:
+        data = base64.b64decode(parent, validate=True)
+    except ValueError:
+        return None
+    if len(data) < 22:
+        return None
+    delta = int(time.time() * 10_000_000) & 0xFF_FFFF_FFFF
+    return base64.b64encode(data + delta.to_bytes(5, "big")).decode("ascii")
+
+
+class Composer:
+    def __init__(self, config: Config, renderer: Renderer, tags: TagFormat) -> None:
+        self.config = config
+        self.renderer = renderer
+        self.tags = tags
+        self.domain = config.message_id_domain
+
+    def new_message_id(self, ticket_number: int | None) -> str:
+        unique = secrets.token_hex(8)
+        return threadref.make_message_id(self.config.key, ticket_number, unique, self.domain)
+
+    def customer_mail(
+        self,
+        *,
+        template: str,
+        lang: str,
+        ticket: TicketRef,
+        recipient: str,
+        thread: ThreadInfo | None = None,
+        automatic: bool = True,
+        **ctx: Any,
+    ) -> Composed:
+        """A templated mail about a ticket to one customer address."""
+        rendered = self.renderer.render_mail(
+            lang,
+            template,
+            ticket=ticket,
+            recipient=recipient,
+            desk_address=self._desk_address(),
+            panel_url=self.config.notices.panel_url,
+            **ctx,
+        )
+        msg = EmailMessage(policy=MAIL_POLICY)
+        msg["From"] = self.config.outbound.from_
+        msg["To"] = Address(addr_spec=recipient)
+        msg["Subject"] = clean_text(f"Re: {ticket.tag} {rendered.subject}", 900)
+        msg["Date"] = format_datetime(_now(), usegmt=True)
+        message_id = self.new_message_id(ticket.number)
+        msg["Message-ID"] = message_id
+        self._thread_headers(msg, thread, ticket.subject)
+        if automatic:
+            msg["Auto-Submitted"] = "auto-replied"
+            msg["X-Auto-Response-Suppress"] = "All"
+        msg.set_content(rendered.text, charset="utf-8", cte="quoted-printable")
+        if rendered.html is not None:
+            msg.add_alternative(rendered.html, subtype="html", charset="utf-8",
+                                cte="quoted-printable")  # fmt: skip
+        return Composed(msg.as_bytes(policy=MAIL_POLICY), message_id)
+
+    def _thread_headers(self, msg: EmailMessage, thread: ThreadInfo | None, topic: str) -> None:
+        if thread is None:
+            return
+        refs = [r for r in thread.references if r][-20:]
+        if thread.message_id:
+            msg["In-Reply-To"] = f"<{thread.message_id}>"
+            if thread.message_id not in refs:
+                refs.append(thread.message_id)
+        if refs:
+            msg["References"] = " ".join(f"<{r}>" for r in refs[-20:])
+        if thread.thread_index:
+            child = _child_thread_index(thread.thread_index)
+            if child:
+                msg["Thread-Index"] = child
+                msg["Thread-Topic"] = clean_text(topic, 200)
+
+    def _desk_address(self) -> str:
+        header = policy.default.header_factory("from", self.config.outbound.from_)
+        addresses = getattr(header, "addresses", ())
+        return addresses[0].addr_spec if addresses else self.config.outbound.from_
+
+    @property
+    def envelope_from(self) -> str:
+        """Bounces of our mail come back to the desk, where they are parsed."""
+        return self._desk_address()
+
+    def staff_delivery(self, raw: bytes, verdict_headers: dict[str, str]) -> bytes:
+        """The customer's message as received, with our verdict headers on top.
+
+        Every ``X-IQ-*`` header that came from outside is removed first, so a
+        customer cannot forge a verdict.
+        """
+        head, sep, body = _split_head(raw)
+        kept: list[bytes] = []
+        dropping = False
+        for line in head.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t"):
+                if not dropping:
+                    kept.append(line)
+                continue
+            dropping = bool(_XIQ.match(line))
+            if not dropping:
+                kept.append(line)
+        ours = b"".join(
+            f"{name}: {_header_safe(value)}\r\n".encode("ascii", "replace")
+            for name, value in verdict_headers.items()
+        )
+        return ours + b"".join(kept) + sep + body
+
+
+def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        index = raw.find(sep)
+        if index != -1:
+            return raw[: index + len(sep) // 2], sep[len(sep) // 2 :], raw[index + len(sep) :]
+    return raw, b"", b""
+
+
+def _header_safe(value: str) -> str:
+    return clean_text(value, 900).encode("ascii", "replace").decode("ascii")
+
+
+def safe_token(value: str) -> str:
+    return _SAFE_TOKEN.sub("_", value)[:64]
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

@@ -1,0 +1,220 @@
+"""The outbox sender: the only place that talks SMTP to the relay.
+
+Rows are claimed (``queued`` -> ``sending``), sent over one reused connection,
+and marked ``sent`` right after the relay accepts. 4xx and connection errors
+are retried with exponential backoff; 5xx is recorded as failed. Rows left in
+``sending`` by a crash are re-queued on start (at-least-once towards the relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import aiosmtplib
+from sqlalchemy import select, update
+
+from iqmaild.config import Config, split_host_port
+from iqmaild.metrics import Metrics
+from iqmaild.storage.db import Database
+from iqmaild.storage.models import OutboxItem, utcnow
+
+CLAIM_BATCH = 50
+# After sending, the link inside an auth request exists nowhere but the customer's mailbox.
+REDACT_AFTER_SEND = frozenset({"auth_request"})
+
+
+class TransientDelivery(Exception):
+    """Try again later: 4xx, connection refused, timeouts."""
+
+
+class PermanentDelivery(Exception):
+    """The relay refused the mail for good (5xx)."""
+
+
+class OutboxWorker:
+    def __init__(self, db: Database, config: Config, log: Any, metrics: Metrics) -> None:
+        self.db = db
+        self.config = config
+        self.log = log
+        self.metrics = metrics
+        self.wakeup = asyncio.Event()
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._idle_since = 0.0
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    async def recover(self) -> int:
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(OutboxItem).where(OutboxItem.state == "sending").values(state="queued")
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.drain()
+                timeout = await self._seconds_to_next_due()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=timeout)
+                except TimeoutError:
+                    await self._close_if_idle()
+                self.wakeup.clear()
+        finally:
+            await self._disconnect()
+
+    async def drain(self) -> int:
+        """Send everything that is due now; returns how many rows were attempted."""
+        total = 0
+        while True:
+            items = await self._claim()
+            if not items:
+                return total
+            for item in items:
+                await self._deliver(item)
+                total += 1
+
+    async def _seconds_to_next_due(self) -> float:
+        async with self.db.read() as session:
+            due = await session.scalar(
+                select(OutboxItem.next_attempt_at)
+                .where(OutboxItem.state == "queued")
+                .order_by(OutboxItem.next_attempt_at)
+                .limit(1)
+            )
+        if due is None:
+            return self.config.outbound.idle_close_seconds
+        wait = (due - utcnow()).total_seconds()
+        return min(max(wait, 0.05), self.config.outbound.idle_close_seconds)
+
+    async def _claim(self) -> list[OutboxItem]:
+        async with self.db.transaction() as session:
+            query = (
+                select(OutboxItem)
+                .where(OutboxItem.state == "queued", OutboxItem.next_attempt_at <= utcnow())
+                .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+                .limit(CLAIM_BATCH)
+            )
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            items = list(await session.scalars(query))
+            for item in items:
+                item.state = "sending"
+                item.attempts += 1
+        return items
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        try:
+            await self._send(item)
+        except PermanentDelivery as exc:
+            await self._finish(item, "failed", str(exc))
+            self.log.warning("outbox.failed", outbox=item.id, kind=item.kind,
+                             ticket=item.ticket_id, error=str(exc)[:300])  # fmt: skip
+            self.metrics.inc("outbox_failed_total", kind=item.kind)
+            return
+        except TransientDelivery as exc:
+            await self._defer(item, str(exc))
+            return
+        await self._finish(item, "sent", None)
+        self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket=item.ticket_id)
+        if item.kind == "auth_request":
+            self.log.info("authlink.sent", outbox=item.id, ticket=item.ticket_id)
+        self.metrics.inc("outbox_sent_total", kind=item.kind)
+
+    async def _send(self, item: OutboxItem) -> None:
+        for attempt in (1, 2):  # a reused connection may have been closed by the relay
+            smtp = await self._connection()
+            try:
+                errors, _ = await smtp.sendmail(item.mail_from, [item.recipient], item.content)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                codes = [r.code for r in exc.recipients]
+                message = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+                if codes and all(c >= 500 for c in codes):
+                    raise PermanentDelivery(message) from None
+                raise TransientDelivery(message) from None
+            except aiosmtplib.SMTPResponseException as exc:
+                await self._disconnect()
+                if exc.code >= 500:
+                    raise PermanentDelivery(f"{exc.code} {exc.message}") from None
+                raise TransientDelivery(f"{exc.code} {exc.message}") from None
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
+                    aiosmtplib.SMTPTimeoutError, OSError) as exc:  # fmt: skip
+                await self._disconnect()
+                if attempt == 2:
+                    raise TransientDelivery(f"{type(exc).__name__}: {exc}") from None
+                continue
+            except aiosmtplib.SMTPException as exc:
+                await self._disconnect()
+                raise TransientDelivery(f"{type(exc).__name__}: {exc}") from None
+            if errors:
+                raise TransientDelivery(str(errors))
+            self._idle_since = asyncio.get_running_loop().time()
+            return
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        if self._smtp is not None and self._smtp.is_connected:
+            return self._smtp
+        host, port = split_host_port(self.config.outbound.relay)
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, use_tls=False,
+                               timeout=self.config.outbound.connect_timeout,
+                               local_hostname=self.config.smtp.hostname)  # fmt: skip
+        try:
+            await smtp.connect()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise TransientDelivery(f"relay {host}:{port}: {type(exc).__name__}: {exc}") from None
+        self._smtp = smtp
+        return smtp
+
+    async def _close_if_idle(self) -> None:
+        if self._smtp is None:
+            return
+        idle = asyncio.get_running_loop().time() - self._idle_since
+        if idle >= self.config.outbound.idle_close_seconds:
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await asyncio.wait_for(smtp.quit(), timeout=5)
+        except Exception:
+            smtp.close()
+
+    async def _finish(self, item: OutboxItem, state: str, error: str | None) -> None:
+        values: dict[str, Any] = {"state": state, "last_error": error}
+        if state == "sent":
+            values["sent_at"] = utcnow()
+            if item.kind in REDACT_AFTER_SEND:
+                values["content"] = b""
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
+            )
+
+    async def _defer(self, item: OutboxItem, error: str) -> None:
+        cfg = self.config.outbound
+        give_up = item.attempts >= cfg.max_attempts
+        delay = min(cfg.retry_base_seconds * (2 ** (item.attempts - 1)), cfg.retry_max_seconds)
+        values: dict[str, Any] = {"last_error": error[:2000]}
+        if give_up:
+            values["state"] = "failed"
+        else:
+            values["state"] = "queued"
+            values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)
+        async with self.db.transaction() as session:
+            await session.execute(
+                update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
+            )
+        if give_up:
+            self.log.warning("outbox.failed", outbox=item.id, kind=item.kind,
+                             attempts=item.attempts, error=error[:300])  # fmt: skip
+            self.metrics.inc("outbox_failed_total", kind=item.kind)
+        else:
+            self.log.info("outbox.deferred", outbox=item.id, kind=item.kind,
+                          attempts=item.attempts, retry_in=delay, error=error[:300])  # fmt: skip
+            self.metrics.inc("outbox_deferred_total", kind=item.kind)

@@ -1,0 +1,31 @@
+"""Delivery status notifications (RFC 3464): which recipients failed for good."""
+
+from __future__ import annotations
+
+import email
+from email import policy
+
+from iqmaild.core.addresses import normalize
+
+
+def permanent_failures(raw: bytes) -> list[tuple[str, str]]:
+    """(address, status) for every per-recipient block with Action: failed / 5.x.x."""
+    try:
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        out: list[tuple[str, str]] = []
+        for part in msg.walk():
+            if part.get_content_type() != "message/delivery-status":
+                continue
+            for block in part.get_payload() or []:
+                if not hasattr(block, "get"):
+                    continue
+                action = str(block.get("action", "")).strip().lower()
+                status = str(block.get("status", "")).strip()
+                recipient = str(block.get("final-recipient") or block.get("original-recipient")
+                                or "")  # fmt: skip
+                address = normalize(recipient.split(";", 1)[-1].strip())
+                if address and (action == "failed" or status.startswith("5")):
+                    out.append((address, status or "5.0.0"))
+        return out
+    except Exception:
+        return []

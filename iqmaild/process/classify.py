@@ -1,0 +1,256 @@
+"""The classify stage: stored message -> parsed facts -> verdict -> effects.
+
+Runs outside the SMTP transaction on messages already committed, so a crash
+between the two loses nothing: unprocessed rows are picked up on start. A
+message that fails again and again is parked as a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+
+from iqmaild.core.policy import ActionKind, TicketAction, Verdict, classify
+from iqmaild.core.vocabulary import Channel, Decision, Reason, TicketState
+from iqmaild.ingest.parse import ParsedMail, parse_message
+from iqmaild.outbound.compose import ThreadInfo
+from iqmaild.process import act, tickets
+from iqmaild.process.desk import Desk
+from iqmaild.storage.db import Database
+from iqmaild.storage.directory import view_for
+from iqmaild.storage.models import Account, Message, Suppression, Ticket, utcnow
+
+TICKET_AUTHORIZATION = {
+    Decision.AUTHORIZED: "authorized",
+    Decision.PENDING: "pending",
+    Decision.UNAUTHORIZED: "unauthorized",
+    Decision.IGNORED: "unauthorized",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    message_id: int
+    ticket: int | None
+    verdict: Verdict
+
+
+class Classifier:
+    def __init__(self, db: Database, desk: Desk) -> None:
+        self.db = db
+        self.desk = desk
+        self.wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.drain()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+            self.wakeup.clear()
+
+    async def drain(self) -> int:
+        """Process every message that is due; returns how many were handled."""
+        handled = 0
+        while True:
+            async with self.db.read() as session:
+                ids = list(
+                    await session.scalars(
+                        select(Message.id)
+                        .where(
+                            Message.state == "received",
+                            or_(
+                                Message.next_attempt_at.is_(None),
+                                Message.next_attempt_at <= utcnow(),
+                            ),
+                        )  # fmt: skip
+                        .order_by(Message.id)
+                        .limit(100)
+                    )
+                )
+            if not ids:
+                return handled
+            for message_id in ids:
+                await self.process(message_id)
+                handled += 1
+
+    async def process(self, message_id: int) -> Outcome | None:
+        try:
+            outcome = await self._process(message_id)
+        except Exception as exc:  # one poison message must not block the rest
+            await self._failed(message_id, exc)
+            return None
+        if outcome is not None:
+            v = outcome.verdict
+            self.desk.log.info(
+                "message.classified", message=message_id, ticket=outcome.ticket,
+                decision=v.decision.value, reasons=[r.value for r in v.reasons],
+                sender_role=v.sender_role.value if v.sender_role else None,
+                rules=list(v.rules_hit), account=v.account_id,
+            )  # fmt: skip
+            self.desk.metrics.inc("messages_classified_total", decision=v.decision.value)
+        return outcome
+
+    async def _process(self, message_id: int) -> Outcome | None:
+        async with self.db.read() as session:
+            row = await session.get(Message, message_id)
+            if row is None or row.state != "received":
+                return None
+            raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
+            panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
+        parsed = parse_message(
+            raw, mail_from=mail_from, tags=self.desk.tags, key=self.desk.key,
+            msgid_domain=self.desk.composer.domain,
+            trusted_authserv_ids=self.desk.trusted_authserv_ids, channel=channel,
+        )  # fmt: skip
+        if channel is Channel.PANEL:
+            facts = replace(parsed.facts, panel_account_id=panel_account,
+                            panel_service_id=panel_service or None)  # fmt: skip
+            parsed = replace(parsed, facts=facts)
+        async with self.db.transaction() as session:
+            message = await session.get(Message, message_id, with_for_update=True)
+            if message is None or message.state != "received":
+                return None
+            facts = parsed.facts
+            number = facts.tag.number if facts.tag else facts.thread_ticket
+            ticket = await tickets.by_number(session, number) if number else None
+            emails = [*facts.from_addresses, *facts.recipients]
+            directory = await view_for(session, emails)
+            view = tickets.view_of(self.desk.key, ticket) if ticket else None
+            verdict = classify(facts, directory, view, self.desk.policy)
+            ticket = await self._apply(session, message, parsed, verdict, ticket)
+            return Outcome(message_id, ticket.number if ticket else None, verdict)
+
+    async def _apply(
+        self, session, message: Message, parsed: ParsedMail, verdict: Verdict,
+        ticket: Ticket | None,
+    ) -> Ticket | None:  # fmt: skip
+        desk = self.desk
+        lang = desk.config.notices.default_lang
+        if verdict.account_id:
+            account = await session.get(Account, verdict.account_id)
+            lang = account.lang if account else lang
+        if verdict.ticket is TicketAction.NEW:
+            ticket = await tickets.create_ticket(
+                session, number_start=desk.config.tickets.number_start,
+                authorization=TICKET_AUTHORIZATION[verdict.decision],
+                channel=message.channel, requester=verdict.sender,
+                subject=desk.tags.strip(parsed.subject)[:500],
+                account_id=verdict.account_id, service_id=verdict.service_id, lang=lang,
+            )  # fmt: skip
+            act.audit(session, "ticket.created", ticket=ticket, message=message,
+                      decision=verdict.decision.value)  # fmt: skip
+        elif verdict.ticket is TicketAction.NONE:
+            ticket = None
+        if ticket is not None and verdict.ticket is TicketAction.ATTACH:
+            if verdict.reopen and tickets.set_state(ticket, TicketState.OPEN):
+                act.audit(session, "ticket.reopened", ticket=ticket, message=message)
+            if verdict.authorizes_ticket:
+                ticket.authorization = "authorized"
+                await _authorize_pending(session, ticket)
+            if (
+                ticket.account_id is None
+                and verdict.account_id
+                and verdict.decision in (Decision.AUTHORIZED, Decision.PENDING)
+            ):
+                ticket.account_id = verdict.account_id
+            ticket.updated_at = utcnow()
+
+        message.ticket_id = ticket.id if ticket else None
+        message.state = "processed"
+        message.processed_at = utcnow()
+        message.decision = verdict.decision.value
+        message.reasons = [r.value for r in verdict.reasons]
+        message.rules_hit = list(verdict.rules_hit)
+        message.sender_role = verdict.sender_role.value if verdict.sender_role else None
+        message.account_id = verdict.account_id
+        message.from_address = verdict.sender
+        message.subject = parsed.subject[:2000]
+        message.headers = parsed.headers
+        message.defects = list(parsed.defects)[:50]
+        act.audit(session, "message.classified", ticket=ticket, message=message,
+                  decision=verdict.decision.value, reasons=message.reasons,
+                  rules=message.rules_hit)  # fmt: skip
+        if Reason.BOUNCE in verdict.reasons and parsed.facts.delivery_report:
+            await self._suppress_bounced(session, message)
+
+        thread = ThreadInfo(parsed.message_id, parsed.references, parsed.thread_index)
+        for action in verdict.actions:
+            if action.kind is ActionKind.STAFF:
+                act.staff_delivery(
+                    session, desk, message=message, ticket=ticket,
+                    decision=verdict.decision.value, reasons=message.reasons,
+                    sender_role=message.sender_role,
+                )  # fmt: skip
+            elif ticket is None or action.recipient is None:
+                continue
+            elif action.kind is ActionKind.AUTH_LINK:
+                await act.issue_link(session, desk, ticket=ticket, recipient=action.recipient,
+                                     thread=thread, message=message)  # fmt: skip
+            elif action.kind is ActionKind.NOTICE:
+                await act.customer_mail(
+                    session, desk, kind="unauthorized", ticket=ticket,
+                    recipient=action.recipient, include_code=action.include_code,
+                    thread=thread, message=message, reasons=message.reasons,
+                    unshared=list(verdict.unshared[:50]), includes_code=action.include_code,
+                )  # fmt: skip
+            elif action.kind is ActionKind.ACKNOWLEDGEMENT:
+                await act.customer_mail(
+                    session, desk, kind="acknowledgement", ticket=ticket,
+                    recipient=action.recipient, include_code=True, thread=thread,
+                    message=message, via="panel",
+                )  # fmt: skip
+        return ticket
+
+    async def _suppress_bounced(self, session, message: Message) -> None:
+        """A permanent failure stops automatic mail to the address for a while."""
+        from iqmaild.outbound.dsn import permanent_failures
+
+        hours = self.desk.config.outbound.bounce_suppress_hours
+        for address, status in permanent_failures(message.raw):
+            until = utcnow() + timedelta(hours=hours)
+            row = await session.get(Suppression, address)
+            if row is None:
+                session.add(Suppression(email=address, reason=status, until=until))
+            else:
+                row.until, row.reason = until, status
+            act.audit(session, "suppression.added", message=message, email=address,
+                      status=status)  # fmt: skip
+
+    async def _failed(self, message_id: int, exc: Exception) -> None:
+        limit = self.desk.config.processing.max_attempts
+        try:
+            async with self.db.transaction() as session:
+                message = await session.get(Message, message_id)
+                if message is None:
+                    return
+                message.attempts += 1
+                message.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+                if message.attempts >= limit:
+                    message.state = "dead"
+                else:
+                    delay = self.desk.config.processing.retry_seconds * message.attempts
+                    message.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                attempts, state = message.attempts, message.state
+        except Exception as db_exc:
+            self.desk.log.error("message.failed", message=message_id, error=repr(db_exc))
+            return
+        event = "message.dead_letter" if state == "dead" else "message.failed"
+        self.desk.log.error(event, message=message_id, attempts=attempts,
+                            error=f"{type(exc).__name__}: {exc}"[:500])  # fmt: skip
+        self.desk.metrics.inc("messages_failed_total", state=state)
+
+
+async def _authorize_pending(session, ticket: Ticket) -> None:
+    rows = await session.scalars(
+        select(Message).where(Message.ticket_id == ticket.id, Message.decision == "pending")
+    )
+    for row in rows:
+        row.decision = "authorized"

@@ -1,0 +1,97 @@
+"""The one place that wires the adapters around the core and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from iqmaild import logs
+from iqmaild.config import Config, split_host_port
+from iqmaild.ingest.smtp import DeskHandler, start_listener
+from iqmaild.ingest.store import GroupCommitter
+from iqmaild.outbound.deliver import OutboxWorker
+from iqmaild.process.classify import Classifier
+from iqmaild.process.desk import Desk
+from iqmaild.rendering import Renderer
+from iqmaild.storage import schema
+from iqmaild.storage.db import Database
+from iqmaild.web.app import WebApp, start_http
+
+
+def build_desk(config: Config, log: Any | None = None) -> Desk:
+    override = Path(config.templates.override_dir) if config.templates.override_dir else None
+    return Desk(config=config, renderer=Renderer(override_dir=override),
+                log=log or logs.get("iqmaild"))  # fmt: skip
+
+
+class Daemon:
+    """Owns every task and server of one instance; ``start``/``stop`` in one loop."""
+
+    def __init__(self, config: Config, log: Any | None = None) -> None:
+        self.config = config
+        self.log = log or logs.get("iqmaild")
+        self.db = Database(config.database.url, config.database.pool_size)
+        self.desk = build_desk(config, self.log)
+        self.outbox = OutboxWorker(self.db, config, self.log, self.desk.metrics)
+        self.classifier = Classifier(self.db, self.desk)
+        self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
+        self.web = WebApp(self.db, self.desk, self._process_now)
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.smtp_server: asyncio.AbstractServer | None = None
+        self.http_runner: Any = None
+        self.smtp_port = 0
+        self.http_port = 0
+
+    def _committed(self) -> None:
+        self.classifier.notify()
+
+    async def _process_now(self, message_id: int) -> Any:
+        outcome = await self.classifier.process(message_id)
+        self.outbox.notify()
+        return outcome
+
+    async def start(self, *, background: bool = True) -> None:
+        await schema.ensure_current(self.db)
+        requeued = await self.outbox.recover()
+        handler = DeskHandler(self.config, self.committer, self.log, self.desk.metrics)
+        self.smtp_server, self.smtp_port = await start_listener(self.config, handler)
+        host, port = split_host_port(self.config.http.listen)
+        self.http_runner, self.http_port = await start_http(self.web, host, port)
+        self.tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
+        if background:
+            self.tasks.append(asyncio.create_task(self._classify_loop(), name="classify"))
+            self.tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        self.log.info("daemon.started", smtp_port=self.smtp_port, http_port=self.http_port,
+                      protocol=self.config.smtp.protocol, requeued_outbox=requeued)  # fmt: skip
+
+    async def _classify_loop(self) -> None:
+        while True:
+            handled = await self.classifier.drain()
+            if handled:
+                self.outbox.notify()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.classifier.wakeup.wait(), timeout=5.0)
+            self.classifier.wakeup.clear()
+
+    async def drain(self) -> None:
+        """Process and send everything due now (tests run without background tasks)."""
+        await self.classifier.drain()
+        await self.outbox.drain()
+
+    async def stop(self) -> None:
+        if self.smtp_server is not None:
+            self.smtp_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.smtp_server.wait_closed(), timeout=5)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        for task in reversed(self.tasks):
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        await self.db.dispose()
+        self.log.info("daemon.stopped")

@@ -1,0 +1,148 @@
+"""HTTP: the authorization link page, health, metrics, the Customer Panel API.
+
+``GET /authorize/{token}`` only shows a page (mail scanners pre-fetch links);
+only ``POST`` authorizes. Pages are Jinja2 with autoescape; attempts on the
+link endpoints are rate-limited per client address.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from iqmaild.process import confirm
+from iqmaild.process.confirm import LinkState
+from iqmaild.process.desk import Desk
+from iqmaild.storage.db import Database
+from iqmaild.web import panel
+
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
+STATUS = {LinkState.NOT_FOUND: 404, LinkState.USED: 410, LinkState.EXPIRED: 410}
+
+
+class SlidingLimiter:
+    """At most ``limit`` attempts per key in any 60-second window."""
+
+    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self.hits: dict[str, collections.deque[float]] = {}
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        if len(self.hits) > self.max_keys:
+            self.hits.clear()
+        queue = self.hits.setdefault(key, collections.deque())
+        while queue and queue[0] <= now - self.window:
+            queue.popleft()
+        if len(queue) >= self.limit:
+            return False
+        queue.append(now)
+        return True
+
+
+class WebApp:
+    def __init__(self, db: Database, desk: Desk, on_panel_ticket: Callable[[int], Awaitable[Any]]):
+        self.db = db
+        self.desk = desk
+        self.limiter = SlidingLimiter(desk.config.http.authorize_attempts_per_minute)
+        self.on_panel_ticket = on_panel_ticket
+        self.app = web.Application(client_max_size=2 * 1024 * 1024)
+        self.app.add_routes(
+            [
+                web.get("/authorize/{token}", self.authorize_page),
+                web.post("/authorize/{token}", self.authorize_confirm),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+                web.post("/api/v1/tickets", self.panel_ticket),
+            ]
+        )
+
+    def _page(self, lang: str, name: str, status: int = 200, **ctx: Any) -> web.Response:
+        body = self.desk.renderer.render_page(lang, name, **ctx)
+        return web.Response(text=body, status=status, content_type="text/html",
+                            charset="utf-8", headers=PAGE_HEADERS)  # fmt: skip
+
+    def _limited(self, request: web.Request) -> web.Response | None:
+        if self.limiter.allow(request.remote or "unknown"):
+            return None
+        self.desk.metrics.inc("authorize_rate_limited_total")
+        return self._page(self.desk.config.notices.default_lang, "error", 429, kind="rate_limited")
+
+    async def authorize_page(self, request: web.Request) -> web.Response:
+        limited = self._limited(request)
+        if limited is not None:
+            return limited
+        token = request.match_info["token"]
+        try:
+            info = await confirm.inspect(self.db, token)
+        except Exception as exc:
+            self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
+            return self._page(self.desk.config.notices.default_lang, "error", 503,
+                              kind="unavailable")  # fmt: skip
+        if info.state is not LinkState.VALID:
+            return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
+        return self._page(info.lang, "authorize", ticket_number=info.ticket_number,
+                          subject=info.subject, sender=info.sender,
+                          action_url=f"/authorize/{token}")  # fmt: skip
+
+    async def authorize_confirm(self, request: web.Request) -> web.Response:
+        limited = self._limited(request)
+        if limited is not None:
+            return limited
+        token = request.match_info["token"]
+        try:
+            info = await confirm.confirm(self.db, self.desk, token)
+        except Exception as exc:
+            self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
+            return self._page(self.desk.config.notices.default_lang, "error", 503,
+                              kind="unavailable")  # fmt: skip
+        if info.state is not LinkState.VALID:
+            return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
+        return self._page(info.lang, "confirmed", ticket_number=info.ticket_number,
+                          subject=info.subject)  # fmt: skip
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok = await self.db.ping()
+        return web.json_response({"status": "ok" if ok else "database unavailable"},
+                                 status=200 if ok else 503)  # fmt: skip
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.desk.metrics.render(),
+                            content_type="text/plain", charset="utf-8")  # fmt: skip
+
+    async def panel_ticket(self, request: web.Request) -> web.Response:
+        expected = self.desk.config.http.panel_token
+        supplied = request.headers.get("Authorization", "")
+        scheme, _, credential = supplied.partition(" ")
+        if (
+            not expected
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(credential.strip().encode(), expected.encode())
+        ):
+            return web.json_response({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return await panel.create_ticket(request, self.db, self.desk, self.on_panel_ticket)
+
+
+async def start_http(webapp: WebApp, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(webapp.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # aiohttp exposes the bound port only here
+    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+    return runner, bound

@@ -1,0 +1,88 @@
+"""The Customer Panel's ticket API: tickets from the panel are authorized at once."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from iqmaild.ingest.parse import clean_text
+from iqmaild.ingest.store import Incoming
+from iqmaild.outbound.compose import MAIL_POLICY
+from iqmaild.process.desk import Desk
+from iqmaild.storage.db import Database
+from iqmaild.storage.directory import primary_of
+from iqmaild.storage.models import Account, Message, Service, Ticket, utcnow
+
+
+class PanelTicket(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account_id: str = Field(min_length=1, max_length=64)
+    service_id: str | None = Field(default=None, max_length=64)
+    subject: str = Field(min_length=1, max_length=500)
+    body: str = Field(max_length=200_000)
+
+
+async def create_ticket(
+    request: web.Request, db: Database, desk: Desk,
+    process: Callable[[int], Awaitable[Any]],
+) -> web.Response:  # fmt: skip
+    try:
+        data = PanelTicket.model_validate(await request.json())
+    except (ValidationError, ValueError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "invalid JSON"
+        return web.json_response({"error": "invalid request", "detail": detail}, status=422)
+    async with db.read() as session:
+        account = await session.get(Account, data.account_id)
+        if account is None:
+            return web.json_response({"error": "unknown account"}, status=404)
+        if data.service_id is not None:
+            service = await session.get(Service, data.service_id)
+            if service is None or service.account_id != account.id:
+                return web.json_response({"error": "unknown service"}, status=404)
+        contact = await primary_of(session, account.id)
+    if contact is None:
+        return web.json_response({"error": "account has no primary address"}, status=409)
+
+    msg = EmailMessage(policy=MAIL_POLICY)
+    msg["From"] = Address(addr_spec=contact)
+    msg["To"] = Address(addr_spec=desk.config.smtp.desk_addresses[0])
+    msg["Subject"] = clean_text(data.subject, 500)
+    msg["Date"] = format_datetime(utcnow(), usegmt=True)
+    msg["Message-ID"] = desk.composer.new_message_id(None)
+    msg.set_content(data.body, charset="utf-8", cte="quoted-printable")
+    item = Incoming(raw=msg.as_bytes(), mail_from=contact, rcpt_to=[], channel="panel",
+                    peer=request.remote or "", account_id=account.id,
+                    extra={"panel_service": data.service_id or ""})  # fmt: skip
+    try:
+        async with db.transaction() as session:
+            row = Message(channel="panel", mail_from=contact, rcpt_to=[], peer=item.peer,
+                          raw=item.raw, raw_sha256=item.sha256, message_id=item.message_id,
+                          account_id=account.id, headers=item.extra, state="received")  # fmt: skip
+            session.add(row)
+            await session.flush()
+            message_id = row.id
+    except Exception as exc:
+        desk.log.error("panel.store_failed", error=type(exc).__name__)
+        return web.json_response({"error": "temporarily unavailable"}, status=503)
+    await process(message_id)
+    async with db.read() as session:
+        stored = await session.get(Message, message_id)
+        ticket = (
+            await session.get(Ticket, stored.ticket_id) if stored and stored.ticket_id else None
+        )
+    if ticket is None:
+        return web.json_response({"status": "queued", "message": message_id}, status=202)
+    from iqmaild.process.tickets import tag_for
+
+    return web.json_response(
+        {"number": ticket.number, "tag": tag_for(desk.tags, desk.key, ticket, True),
+         "authorization": ticket.authorization, "message": message_id},
+        status=201,
+    )  # fmt: skip
