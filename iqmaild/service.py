@@ -22,8 +22,9 @@ from iqmaild.web.app import WebApp, start_http
 
 def build_desk(config: Config, log: Any | None = None) -> Desk:
     override = Path(config.templates.override_dir) if config.templates.override_dir else None
-    return Desk(config=config, renderer=Renderer(override_dir=override),
-                log=log or logs.get("iqmaild"))  # fmt: skip
+    return Desk(
+        config=config, renderer=Renderer(override_dir=override), log=log or logs.get("iqmaild")
+    )
 
 
 class Daemon:
@@ -63,8 +64,13 @@ class Daemon:
         if background:
             self.tasks.append(asyncio.create_task(self._classify_loop(), name="classify"))
             self.tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
-        self.log.info("daemon.started", smtp_port=self.smtp_port, http_port=self.http_port,
-                      protocol=self.config.smtp.protocol, requeued_outbox=requeued)  # fmt: skip
+        self.log.info(
+            "daemon.started",
+            smtp_port=self.smtp_port,
+            http_port=self.http_port,
+            protocol=self.config.smtp.protocol,
+            requeued_outbox=requeued,
+        )
 
     async def _classify_loop(self) -> None:
         while True:

@@ -19,8 +19,10 @@ from iqmaild.storage.db import Database
 def check_config(ctx: click.Context) -> None:
     """Validate the config file and say so in one line."""
     config = config_of(ctx)
-    click.echo(f"config ok: smtp {config.smtp.listen}, http {config.http.listen}, "
-               f"database {config.database.url.split(':', 1)[0]}")  # fmt: skip
+    click.echo(
+        f"config ok: smtp {config.smtp.listen}, http {config.http.listen}, "
+        f"database {config.database.url.split(':', 1)[0]}"
+    )
 
 
 @main.command()

@@ -23,8 +23,9 @@ def account() -> None:
 @click.option("--name", default=None)
 @click.option("--lang", type=click.Choice(["pl", "en"]), default=None)
 @click.pass_context
-def account_add(ctx: click.Context, account_id: str, primary: str, name: str | None,
-                lang: str | None) -> None:  # fmt: skip
+def account_add(
+    ctx: click.Context, account_id: str, primary: str, name: str | None, lang: str | None
+) -> None:
     """Add an account, or change its primary address, name or language."""
 
     async def work(config, db):  # type: ignore[no-untyped-def]
@@ -54,9 +55,15 @@ def account_list(ctx: click.Context, as_json: bool) -> None:
                 services = await session.scalars(
                     select(Service.id).where(Service.account_id == acc.id)
                 )
-                rows.append({"id": acc.id, "name": acc.name, "lang": acc.lang,
-                             "addresses": {e: r for e, r in addresses},
-                             "services": list(services)})  # fmt: skip
+                rows.append(
+                    {
+                        "id": acc.id,
+                        "name": acc.name,
+                        "lang": acc.lang,
+                        "addresses": {e: r for e, r in addresses},
+                        "services": list(services),
+                    }
+                )
             return rows
 
     emit(run_job(ctx, work), as_json, ["id", "name", "lang", "addresses", "services"])

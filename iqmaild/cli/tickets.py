@@ -20,10 +20,17 @@ from iqmaild.storage.models import Message, OutboxItem, Service, Ticket, utcnow
 
 
 def _ticket_row(t: Ticket) -> dict[str, Any]:
-    return {"number": t.number, "state": t.state, "authorization": t.authorization,
-            "account": t.account_id or "", "service": t.service_id or "",
-            "requester": t.requester or "", "channel": t.channel, "subject": t.subject,
-            "updated": t.updated_at.isoformat(timespec="seconds")}  # fmt: skip
+    return {
+        "number": t.number,
+        "state": t.state,
+        "authorization": t.authorization,
+        "account": t.account_id or "",
+        "service": t.service_id or "",
+        "requester": t.requester or "",
+        "channel": t.channel,
+        "subject": t.subject,
+        "updated": t.updated_at.isoformat(timespec="seconds"),
+    }
 
 
 async def _ticket(session: Any, number: int) -> Ticket:
@@ -53,8 +60,11 @@ def ticket_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> No
                 query = query.where(Ticket.state == state)
             return [_ticket_row(t) for t in await session.scalars(query)]
 
-    emit(run_job(ctx, work), as_json,
-         ["number", "state", "authorization", "account", "requester", "subject"])  # fmt: skip
+    emit(
+        run_job(ctx, work),
+        as_json,
+        ["number", "state", "authorization", "account", "requester", "subject"],
+    )
 
 
 @ticket.command("show")
@@ -72,25 +82,33 @@ def ticket_show(ctx: click.Context, number: int, as_json: bool) -> None:
             )
             out = _ticket_row(t)
             out["messages"] = [
-                {"id": m.id, "received": m.received_at.isoformat(timespec="seconds"),
-                 "channel": m.channel, "from": m.from_address, "subject": m.subject,
-                 "decision": m.decision, "reasons": m.reasons, "sender_role": m.sender_role,
-                 "body": body_preview(m.raw, 2000)}
+                {
+                    "id": m.id,
+                    "received": m.received_at.isoformat(timespec="seconds"),
+                    "channel": m.channel,
+                    "from": m.from_address,
+                    "subject": m.subject,
+                    "decision": m.decision,
+                    "reasons": m.reasons,
+                    "sender_role": m.sender_role,
+                    "body": body_preview(m.raw, 2000),
+                }
                 for m in messages
-            ]  # fmt: skip
+            ]
             return out
 
     data = run_job(ctx, work)
     if as_json:
         emit(data, True, [])  # type: ignore[arg-type]
         return
-    for key in ("number", "state", "authorization", "account", "service", "requester",
-                "subject"):  # fmt: skip
+    for key in ("number", "state", "authorization", "account", "service", "requester", "subject"):
         click.echo(f"{key:14} {data[key]}")
     for m in data["messages"]:
         reasons = ",".join(m["reasons"]) or "-"
-        click.echo(f"\n#{m['id']} {m['received']} {m['channel']} from {m['from']} "
-                   f"[{m['decision']}: {reasons}]\n{m['body'].strip()[:1000]}")  # fmt: skip
+        click.echo(
+            f"\n#{m['id']} {m['received']} {m['channel']} from {m['from']} "
+            f"[{m['decision']}: {reasons}]\n{m['body'].strip()[:1000]}"
+        )
 
 
 def _set_state(state: TicketState):  # type: ignore[no-untyped-def]
@@ -141,8 +159,12 @@ def ticket_set_service(ctx: click.Context, number: int, service_id: str) -> None
 
 @ticket.command("reply")
 @click.argument("number", type=int)
-@click.option("--body-file", required=True, type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), help="UTF-8 text of the reply ('-' not accepted)")  # fmt: skip
+@click.option(
+    "--body-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="UTF-8 text of the reply ('-' not accepted)",
+)
 @click.pass_context
 def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
     """Send a desk reply to the ticket's requester, tag preserved, through the outbox."""
@@ -164,15 +186,24 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
                 t.requester, t.account_id or "", t.service_id
             )
             last = await session.scalar(
-                select(Message).where(Message.ticket_id == t.id,
-                                      Message.from_address == t.requester)
-                .order_by(Message.id.desc()).limit(1)
-            )  # fmt: skip
+                select(Message)
+                .where(Message.ticket_id == t.id, Message.from_address == t.requester)
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
             ids = re.findall(r"<([^<>\s]+)>", last.message_id) if last else []
             thread = ThreadInfo(ids[0] if ids else "", (), None)
-            await act.customer_mail(session, desk, kind="staff_reply", ticket=t,
-                                    recipient=t.requester, include_code=may_see_code,
-                                    thread=thread, automatic=False, body=body)  # fmt: skip
+            await act.customer_mail(
+                session,
+                desk,
+                kind="staff_reply",
+                ticket=t,
+                recipient=t.requester,
+                include_code=may_see_code,
+                thread=thread,
+                automatic=False,
+                body=body,
+            )
             act.audit(session, "ticket.replied", ticket=t, actor="cli", chars=len(body))
             return t.requester
 
@@ -186,8 +217,9 @@ def outbox() -> None:
 
 
 @outbox.command("list")
-@click.option("--state", type=click.Choice(["queued", "sending", "sent", "failed", "all"]),
-              default="all")  # fmt: skip
+@click.option(
+    "--state", type=click.Choice(["queued", "sending", "sent", "failed", "all"]), default="all"
+)
 @click.option("--limit", type=int, default=100)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -199,14 +231,23 @@ def outbox_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> No
             query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
             if state != "all":
                 query = query.where(OutboxItem.state == state)
-            return [{"id": o.id, "kind": o.kind, "state": o.state, "recipient": o.recipient,
-                     "attempts": o.attempts, "ticket_id": o.ticket_id,
-                     "created": o.created_at.isoformat(timespec="seconds"),
-                     "last_error": o.last_error or ""}
-                    for o in await session.scalars(query)]  # fmt: skip
+            return [
+                {
+                    "id": o.id,
+                    "kind": o.kind,
+                    "state": o.state,
+                    "recipient": o.recipient,
+                    "attempts": o.attempts,
+                    "ticket_id": o.ticket_id,
+                    "created": o.created_at.isoformat(timespec="seconds"),
+                    "last_error": o.last_error or "",
+                }
+                for o in await session.scalars(query)
+            ]
 
-    emit(run_job(ctx, work), as_json, ["id", "kind", "state", "recipient", "attempts",
-                                       "last_error"])  # fmt: skip
+    emit(
+        run_job(ctx, work), as_json, ["id", "kind", "state", "recipient", "attempts", "last_error"]
+    )
 
 
 @outbox.command("retry")

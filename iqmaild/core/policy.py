@@ -220,9 +220,18 @@ def situate(
             and not directory.may_act(r, account_id, service_id)
         )
     return Situation(
-        facts, directory, ticket, config, sender, account_id, service_id,
-        candidates, role, eligible, unshared,
-    )  # fmt: skip
+        facts,
+        directory,
+        ticket,
+        config,
+        sender,
+        account_id,
+        service_id,
+        candidates,
+        role,
+        eligible,
+        unshared,
+    )
 
 
 def classify(
@@ -236,10 +245,12 @@ def classify(
     loop_hits = [rule for rule in LOOP_RULES if rule.hits(s)]
     if loop_hits:
         return _verdict(
-            s, Decision.IGNORED, loop_hits,
+            s,
+            Decision.IGNORED,
+            loop_hits,
             TicketAction.ATTACH if ticket else TicketAction.NONE,
             (Action(ActionKind.STAFF),),
-        )  # fmt: skip
+        )
     actions: tuple[Action, ...]
     if facts.channel is Channel.PANEL:
         actions = (Action(ActionKind.STAFF),)

@@ -22,8 +22,9 @@ from iqmaild.metrics import Metrics
 class DeskHandler:
     """aiosmtpd hooks; each one is exercised by the tests through the socket."""
 
-    def __init__(self, config: Config, committer: GroupCommitter, log: Any,
-                 metrics: Metrics) -> None:  # fmt: skip
+    def __init__(
+        self, config: Config, committer: GroupCommitter, log: Any, metrics: Metrics
+    ) -> None:
         self.desk = frozenset(config.smtp.desk_addresses)
         self.max_size = config.smtp.max_message_size
         self.max_recipients = config.smtp.max_recipients
@@ -33,9 +34,13 @@ class DeskHandler:
         self.metrics = metrics
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         if normalize(address) not in self.desk:
             self.metrics.inc("smtp_rejected_total", reason="recipient")
             return "550 5.1.1 Recipient address rejected: not a desk address"
@@ -53,16 +58,27 @@ class DeskHandler:
             self.metrics.inc("smtp_rejected_total", reason="size")
             return self._per_recipient(envelope, "552 5.3.4 Message size exceeds fixed limit")
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        item = Incoming(raw=raw, mail_from=envelope.mail_from or "",
-                        rcpt_to=list(envelope.rcpt_tos), channel="smtp", peer=str(peer))  # fmt: skip
+        item = Incoming(
+            raw=raw,
+            mail_from=envelope.mail_from or "",
+            rcpt_to=list(envelope.rcpt_tos),
+            channel="smtp",
+            peer=str(peer),
+        )
         try:
             stored = await self.committer.store(item)
         except Exception as exc:
             self.log.error("smtp.store_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             self.metrics.inc("smtp_rejected_total", reason="storage")
             return self._per_recipient(envelope, "451 4.3.0 Temporary storage failure, try again")
-        self.log.info("smtp.accepted", message=stored.id, size=len(raw), peer=item.peer,
-                      recipients=len(item.rcpt_to), duplicate=stored.duplicate)  # fmt: skip
+        self.log.info(
+            "smtp.accepted",
+            message=stored.id,
+            size=len(raw),
+            peer=item.peer,
+            recipients=len(item.rcpt_to),
+            duplicate=stored.duplicate,
+        )
         self.metrics.inc("smtp_accepted_total")
         return self._per_recipient(envelope, f"250 2.0.0 Ok: queued as {stored.id}")
 

@@ -111,11 +111,17 @@ class GroupCommitter:
                     out.append(pending[key])
                     continue
                 row = Message(
-                    channel=item.channel, mail_from=item.mail_from, rcpt_to=item.rcpt_to,
-                    peer=item.peer, raw=item.raw, raw_sha256=item.sha256,
-                    message_id=item.message_id, account_id=item.account_id,
-                    headers=dict(item.extra), state="received",
-                )  # fmt: skip
+                    channel=item.channel,
+                    mail_from=item.mail_from,
+                    rcpt_to=item.rcpt_to,
+                    peer=item.peer,
+                    raw=item.raw,
+                    raw_sha256=item.sha256,
+                    message_id=item.message_id,
+                    account_id=item.account_id,
+                    headers=dict(item.extra),
+                    state="received",
+                )
                 session.add(row)
                 pending[key] = row
                 out.append(row)

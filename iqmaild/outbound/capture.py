@@ -34,8 +34,14 @@ class CaptureRelay:
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:  # fmt: skip
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         if self.rcpt_replies:
             reply = self.rcpt_replies.pop(0)
             if not reply.startswith("250"):
@@ -63,10 +69,12 @@ class CaptureRelay:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: SMTP(self, hostname="capture.local", enable_SMTPUTF8=True,
-                         decode_data=False, loop=loop),
-            host=host, port=port,
-        )  # fmt: skip
+            lambda: SMTP(
+                self, hostname="capture.local", enable_SMTPUTF8=True, decode_data=False, loop=loop
+            ),
+            host=host,
+            port=port,
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 

@@ -112,8 +112,9 @@ class Composer:
             msg["X-Auto-Response-Suppress"] = "All"
         msg.set_content(rendered.text, charset="utf-8", cte="quoted-printable")
         if rendered.html is not None:
-            msg.add_alternative(rendered.html, subtype="html", charset="utf-8",
-                                cte="quoted-printable")  # fmt: skip
+            msg.add_alternative(
+                rendered.html, subtype="html", charset="utf-8", cte="quoted-printable"
+            )
         return Composed(msg.as_bytes(policy=MAIL_POLICY), message_id)
 
     def _thread_headers(self, msg: EmailMessage, thread: ThreadInfo | None, topic: str) -> None:

@@ -111,8 +111,13 @@ class OutboxWorker:
             await self._send(item)
         except PermanentDelivery as exc:
             await self._finish(item, "failed", str(exc))
-            self.log.warning("outbox.failed", outbox=item.id, kind=item.kind,
-                             ticket=item.ticket_id, error=str(exc)[:300])  # fmt: skip
+            self.log.warning(
+                "outbox.failed",
+                outbox=item.id,
+                kind=item.kind,
+                ticket=item.ticket_id,
+                error=str(exc)[:300],
+            )
             self.metrics.inc("outbox_failed_total", kind=item.kind)
             return
         except TransientDelivery as exc:
@@ -140,8 +145,12 @@ class OutboxWorker:
                 if exc.code >= 500:
                     raise PermanentDelivery(f"{exc.code} {exc.message}") from None
                 raise TransientDelivery(f"{exc.code} {exc.message}") from None
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
-                    aiosmtplib.SMTPTimeoutError, OSError) as exc:  # fmt: skip
+            except (
+                aiosmtplib.SMTPServerDisconnected,
+                aiosmtplib.SMTPConnectError,
+                aiosmtplib.SMTPTimeoutError,
+                OSError,
+            ) as exc:
                 await self._disconnect()
                 if attempt == 2:
                     raise TransientDelivery(f"{type(exc).__name__}: {exc}") from None
@@ -158,9 +167,14 @@ class OutboxWorker:
         if self._smtp is not None and self._smtp.is_connected:
             return self._smtp
         host, port = split_host_port(self.config.outbound.relay)
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, use_tls=False,
-                               timeout=self.config.outbound.connect_timeout,
-                               local_hostname=self.config.smtp.hostname)  # fmt: skip
+        smtp = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            start_tls=False,
+            use_tls=False,
+            timeout=self.config.outbound.connect_timeout,
+            local_hostname=self.config.smtp.hostname,
+        )
         try:
             await smtp.connect()
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -211,10 +225,21 @@ class OutboxWorker:
                 update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
             )
         if give_up:
-            self.log.warning("outbox.failed", outbox=item.id, kind=item.kind,
-                             attempts=item.attempts, error=error[:300])  # fmt: skip
+            self.log.warning(
+                "outbox.failed",
+                outbox=item.id,
+                kind=item.kind,
+                attempts=item.attempts,
+                error=error[:300],
+            )
             self.metrics.inc("outbox_failed_total", kind=item.kind)
         else:
-            self.log.info("outbox.deferred", outbox=item.id, kind=item.kind,
-                          attempts=item.attempts, retry_in=delay, error=error[:300])  # fmt: skip
+            self.log.info(
+                "outbox.deferred",
+                outbox=item.id,
+                kind=item.kind,
+                attempts=item.attempts,
+                retry_in=delay,
+                error=error[:300],
+            )
             self.metrics.inc("outbox_deferred_total", kind=item.kind)

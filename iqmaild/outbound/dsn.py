@@ -21,8 +21,9 @@ def permanent_failures(raw: bytes) -> list[tuple[str, str]]:
                     continue
                 action = str(block.get("action", "")).strip().lower()
                 status = str(block.get("status", "")).strip()
-                recipient = str(block.get("final-recipient") or block.get("original-recipient")
-                                or "")  # fmt: skip
+                recipient = str(
+                    block.get("final-recipient") or block.get("original-recipient") or ""
+                )
                 address = normalize(recipient.split(";", 1)[-1].strip())
                 if address and (action == "failed" or status.startswith("5")):
                     out.append((address, status or "5.0.0"))

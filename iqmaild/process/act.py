@@ -28,8 +28,15 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-def audit(session: AsyncSession, event: str, *, ticket: Ticket | None = None,
-          message: Message | None = None, actor: str = "daemon", **data: Any) -> None:  # fmt: skip
+def audit(
+    session: AsyncSession,
+    event: str,
+    *,
+    ticket: Ticket | None = None,
+    message: Message | None = None,
+    actor: str = "daemon",
+    **data: Any,
+) -> None:
     session.add(
         AuditEvent(
             event=event,
@@ -119,20 +126,41 @@ async def customer_mail(
     if automatic and check_limits:
         blocked = await automatic_blocked(session, desk, recipient, ticket)
         if blocked is not None:
-            audit(session, "autoreply.suppressed", ticket=ticket, message=message,
-                  kind=kind, recipient=recipient, why=blocked)  # fmt: skip
+            audit(
+                session,
+                "autoreply.suppressed",
+                ticket=ticket,
+                message=message,
+                kind=kind,
+                recipient=recipient,
+                why=blocked,
+            )
             desk.log.info("autoreply.suppressed", ticket=ticket.number, kind=kind, why=blocked)
             desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
             return False
-    ref = TicketRef(ticket.number, tag_for(desk.tags, desk.key, ticket, include_code),
-                    ticket.subject)  # fmt: skip
+    ref = TicketRef(
+        ticket.number, tag_for(desk.tags, desk.key, ticket, include_code), ticket.subject
+    )
     composed: Composed = desk.composer.customer_mail(
-        template=kind, lang=ticket.lang, ticket=ref, recipient=recipient, thread=thread,
-        automatic=automatic, **ctx,
-    )  # fmt: skip
-    enqueue(session, desk, kind=kind, recipient=recipient, content=composed.content,
-            header_message_id=composed.message_id, ticket=ticket, message=message,
-            automatic=automatic)  # fmt: skip
+        template=kind,
+        lang=ticket.lang,
+        ticket=ref,
+        recipient=recipient,
+        thread=thread,
+        automatic=automatic,
+        **ctx,
+    )
+    enqueue(
+        session,
+        desk,
+        kind=kind,
+        recipient=recipient,
+        content=composed.content,
+        header_message_id=composed.message_id,
+        ticket=ticket,
+        message=message,
+        automatic=automatic,
+    )
     return True
 
 
@@ -148,10 +176,18 @@ async def issue_link(
     """Create a single-use token (only its hash is kept) and mail the link."""
     blocked = await automatic_blocked(session, desk, recipient, ticket)
     if blocked is not None:
-        audit(session, "autoreply.suppressed", ticket=ticket, message=message,
-              kind="auth_request", recipient=recipient, why=blocked)  # fmt: skip
-        desk.log.info("autoreply.suppressed", ticket=ticket.number, kind="auth_request",
-                      why=blocked)  # fmt: skip
+        audit(
+            session,
+            "autoreply.suppressed",
+            ticket=ticket,
+            message=message,
+            kind="auth_request",
+            recipient=recipient,
+            why=blocked,
+        )
+        desk.log.info(
+            "autoreply.suppressed", ticket=ticket.number, kind="auth_request", why=blocked
+        )
         desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
         return False
     token = secrets.token_urlsafe(32)
@@ -167,10 +203,18 @@ async def issue_link(
     )
     link = f"{desk.config.http.public_url}/authorize/{token}"
     await customer_mail(
-        session, desk, kind="auth_request", ticket=ticket, recipient=recipient,
-        include_code=True, thread=thread, message=message, check_limits=False,
-        link=link, expires_hours=hours,
-    )  # fmt: skip
+        session,
+        desk,
+        kind="auth_request",
+        ticket=ticket,
+        recipient=recipient,
+        include_code=True,
+        thread=thread,
+        message=message,
+        check_limits=False,
+        link=link,
+        expires_hours=hours,
+    )
     return True
 
 
@@ -193,5 +237,13 @@ def staff_delivery(
         "X-IQ-Message": str(message.id),
     }
     content = desk.composer.staff_delivery(message.raw, headers)
-    enqueue(session, desk, kind="staff", recipient=desk.config.outbound.staff_address,
-            content=content, ticket=ticket, message=message, automatic=False)  # fmt: skip
+    enqueue(
+        session,
+        desk,
+        kind="staff",
+        recipient=desk.config.outbound.staff_address,
+        content=content,
+        ticket=ticket,
+        message=message,
+        automatic=False,
+    )

@@ -47,15 +47,6 @@ class Classifier:
     def notify(self) -> None:
         self.wakeup.set()
 
-    async def run(self) -> None:
-        while True:
-            await self.drain()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout=5.0)
-            except TimeoutError:
-                pass
-            self.wakeup.clear()
-
     async def drain(self) -> int:
         """Process every message that is due; returns how many were handled."""
         handled = 0
@@ -70,7 +61,7 @@ class Classifier:
                                 Message.next_attempt_at.is_(None),
                                 Message.next_attempt_at <= utcnow(),
                             ),
-                        )  # fmt: skip
+                        )
                         .order_by(Message.id)
                         .limit(100)
                     )
@@ -90,11 +81,15 @@ class Classifier:
         if outcome is not None:
             v = outcome.verdict
             self.desk.log.info(
-                "message.classified", message=message_id, ticket=outcome.ticket,
-                decision=v.decision.value, reasons=[r.value for r in v.reasons],
+                "message.classified",
+                message=message_id,
+                ticket=outcome.ticket,
+                decision=v.decision.value,
+                reasons=[r.value for r in v.reasons],
                 sender_role=v.sender_role.value if v.sender_role else None,
-                rules=list(v.rules_hit), account=v.account_id,
-            )  # fmt: skip
+                rules=list(v.rules_hit),
+                account=v.account_id,
+            )
             self.desk.metrics.inc("messages_classified_total", decision=v.decision.value)
         return outcome
 
@@ -106,13 +101,18 @@ class Classifier:
             raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
             panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
         parsed = parse_message(
-            raw, mail_from=mail_from, tags=self.desk.tags, key=self.desk.key,
+            raw,
+            mail_from=mail_from,
+            tags=self.desk.tags,
+            key=self.desk.key,
             msgid_domain=self.desk.composer.domain,
-            trusted_authserv_ids=self.desk.trusted_authserv_ids, channel=channel,
-        )  # fmt: skip
+            trusted_authserv_ids=self.desk.trusted_authserv_ids,
+            channel=channel,
+        )
         if channel is Channel.PANEL:
-            facts = replace(parsed.facts, panel_account_id=panel_account,
-                            panel_service_id=panel_service or None)  # fmt: skip
+            facts = replace(
+                parsed.facts, panel_account_id=panel_account, panel_service_id=panel_service or None
+            )
             parsed = replace(parsed, facts=facts)
         async with self.db.transaction() as session:
             message = await session.get(Message, message_id, with_for_update=True)
@@ -129,9 +129,13 @@ class Classifier:
             return Outcome(message_id, ticket.number if ticket else None, verdict)
 
     async def _apply(
-        self, session, message: Message, parsed: ParsedMail, verdict: Verdict,
+        self,
+        session,
+        message: Message,
+        parsed: ParsedMail,
+        verdict: Verdict,
         ticket: Ticket | None,
-    ) -> Ticket | None:  # fmt: skip
+    ) -> Ticket | None:
         desk = self.desk
         lang = desk.config.notices.default_lang
         if verdict.account_id:
@@ -139,14 +143,23 @@ class Classifier:
             lang = account.lang if account else lang
         if verdict.ticket is TicketAction.NEW:
             ticket = await tickets.create_ticket(
-                session, number_start=desk.config.tickets.number_start,
+                session,
+                number_start=desk.config.tickets.number_start,
                 authorization=TICKET_AUTHORIZATION[verdict.decision],
-                channel=message.channel, requester=verdict.sender,
+                channel=message.channel,
+                requester=verdict.sender,
                 subject=desk.tags.strip(parsed.subject)[:500],
-                account_id=verdict.account_id, service_id=verdict.service_id, lang=lang,
-            )  # fmt: skip
-            act.audit(session, "ticket.created", ticket=ticket, message=message,
-                      decision=verdict.decision.value)  # fmt: skip
+                account_id=verdict.account_id,
+                service_id=verdict.service_id,
+                lang=lang,
+            )
+            act.audit(
+                session,
+                "ticket.created",
+                ticket=ticket,
+                message=message,
+                decision=verdict.decision.value,
+            )
         elif verdict.ticket is TicketAction.NONE:
             ticket = None
         if ticket is not None and verdict.ticket is TicketAction.ATTACH:
@@ -175,9 +188,15 @@ class Classifier:
         message.subject = parsed.subject[:2000]
         message.headers = parsed.headers
         message.defects = list(parsed.defects)[:50]
-        act.audit(session, "message.classified", ticket=ticket, message=message,
-                  decision=verdict.decision.value, reasons=message.reasons,
-                  rules=message.rules_hit)  # fmt: skip
+        act.audit(
+            session,
+            "message.classified",
+            ticket=ticket,
+            message=message,
+            decision=verdict.decision.value,
+            reasons=message.reasons,
+            rules=message.rules_hit,
+        )
         if Reason.BOUNCE in verdict.reasons and parsed.facts.delivery_report:
             await self._suppress_bounced(session, message)
 
@@ -185,28 +204,51 @@ class Classifier:
         for action in verdict.actions:
             if action.kind is ActionKind.STAFF:
                 act.staff_delivery(
-                    session, desk, message=message, ticket=ticket,
-                    decision=verdict.decision.value, reasons=message.reasons,
+                    session,
+                    desk,
+                    message=message,
+                    ticket=ticket,
+                    decision=verdict.decision.value,
+                    reasons=message.reasons,
                     sender_role=message.sender_role,
-                )  # fmt: skip
+                )
             elif ticket is None or action.recipient is None:
                 continue
             elif action.kind is ActionKind.AUTH_LINK:
-                await act.issue_link(session, desk, ticket=ticket, recipient=action.recipient,
-                                     thread=thread, message=message)  # fmt: skip
+                await act.issue_link(
+                    session,
+                    desk,
+                    ticket=ticket,
+                    recipient=action.recipient,
+                    thread=thread,
+                    message=message,
+                )
             elif action.kind is ActionKind.NOTICE:
                 await act.customer_mail(
-                    session, desk, kind="unauthorized", ticket=ticket,
-                    recipient=action.recipient, include_code=action.include_code,
-                    thread=thread, message=message, reasons=message.reasons,
-                    unshared=list(verdict.unshared[:50]), includes_code=action.include_code,
-                )  # fmt: skip
+                    session,
+                    desk,
+                    kind="unauthorized",
+                    ticket=ticket,
+                    recipient=action.recipient,
+                    include_code=action.include_code,
+                    thread=thread,
+                    message=message,
+                    reasons=message.reasons,
+                    unshared=list(verdict.unshared[:50]),
+                    includes_code=action.include_code,
+                )
             elif action.kind is ActionKind.ACKNOWLEDGEMENT:
                 await act.customer_mail(
-                    session, desk, kind="acknowledgement", ticket=ticket,
-                    recipient=action.recipient, include_code=True, thread=thread,
-                    message=message, via="panel",
-                )  # fmt: skip
+                    session,
+                    desk,
+                    kind="acknowledgement",
+                    ticket=ticket,
+                    recipient=action.recipient,
+                    include_code=True,
+                    thread=thread,
+                    message=message,
+                    via="panel",
+                )
         return ticket
 
     async def _suppress_bounced(self, session, message: Message) -> None:
@@ -221,8 +263,7 @@ class Classifier:
                 session.add(Suppression(email=address, reason=status, until=until))
             else:
                 row.until, row.reason = until, status
-            act.audit(session, "suppression.added", message=message, email=address,
-                      status=status)  # fmt: skip
+            act.audit(session, "suppression.added", message=message, email=address, status=status)
 
     async def _failed(self, message_id: int, exc: Exception) -> None:
         limit = self.desk.config.processing.max_attempts
@@ -243,8 +284,9 @@ class Classifier:
             self.desk.log.error("message.failed", message=message_id, error=repr(db_exc))
             return
         event = "message.dead_letter" if state == "dead" else "message.failed"
-        self.desk.log.error(event, message=message_id, attempts=attempts,
-                            error=f"{type(exc).__name__}: {exc}"[:500])  # fmt: skip
+        self.desk.log.error(
+            event, message=message_id, attempts=attempts, error=f"{type(exc).__name__}: {exc}"[:500]
+        )
         self.desk.metrics.inc("messages_failed_total", state=state)
 
 

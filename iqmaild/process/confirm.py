@@ -80,8 +80,9 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
         )
         claimed = result.first()
         if claimed is None:
-            return LinkInfo(LinkState.USED, info.ticket_number, info.subject, info.sender,
-                            info.lang)  # fmt: skip
+            return LinkInfo(
+                LinkState.USED, info.ticket_number, info.subject, info.sender, info.lang
+            )
         ticket = await session.get(Ticket, claimed.ticket_id, with_for_update=True)
         if ticket is None:
             return LinkInfo(LinkState.NOT_FOUND)
@@ -90,22 +91,39 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
         ticket.updated_at = current
         pending = list(
             await session.scalars(
-                select(Message).where(
-                    Message.ticket_id == ticket.id, Message.decision == "pending"
-                )  # fmt: skip
+                select(Message).where(Message.ticket_id == ticket.id, Message.decision == "pending")
             )
         )
         for message in pending:
             message.decision = "authorized"
-            act.staff_delivery(session, desk, message=message, ticket=ticket,
-                               decision="authorized", reasons=[],
-                               sender_role=message.sender_role)  # fmt: skip
-        act.audit(session, "authlink.confirmed", ticket=ticket, actor="link",
-                  email=claimed.email, was=was, messages=len(pending))  # fmt: skip
+            act.staff_delivery(
+                session,
+                desk,
+                message=message,
+                ticket=ticket,
+                decision="authorized",
+                reasons=[],
+                sender_role=message.sender_role,
+            )
+        act.audit(
+            session,
+            "authlink.confirmed",
+            ticket=ticket,
+            actor="link",
+            email=claimed.email,
+            was=was,
+            messages=len(pending),
+        )
         await act.customer_mail(
-            session, desk, kind="acknowledgement", ticket=ticket, recipient=claimed.email,
-            include_code=True, thread=None, via="link",
-        )  # fmt: skip
+            session,
+            desk,
+            kind="acknowledgement",
+            ticket=ticket,
+            recipient=claimed.email,
+            include_code=True,
+            thread=None,
+            via="link",
+        )
         number = ticket.number
     desk.log.info("authlink.confirmed", ticket=number, messages=len(pending))
     desk.metrics.inc("authlinks_confirmed_total")

@@ -68,9 +68,12 @@ async def primary_of(session: AsyncSession, account_id: str) -> str | None:
 
 
 async def upsert_account(
-    session: AsyncSession, account_id: str, primary: str, name: str | None = None,
+    session: AsyncSession,
+    account_id: str,
+    primary: str,
+    name: str | None = None,
     lang: str | None = None,
-) -> Account:  # fmt: skip
+) -> Account:
     primary = email_or_error(primary)
     account = await session.get(Account, account_id)
     if account is None:
@@ -169,8 +172,9 @@ async def import_directory(session: AsyncSession, data: Any) -> dict[str, int]:
         if not isinstance(item, dict) or "id" not in item or "primary" not in item:
             raise DirectoryError('every account needs "id" and "primary"')
         account_id = str(item["id"])
-        await upsert_account(session, account_id, str(item["primary"]), item.get("name"),
-                             item.get("lang"))  # fmt: skip
+        await upsert_account(
+            session, account_id, str(item["primary"]), item.get("name"), item.get("lang")
+        )
         counts["accounts"] += 1
         for role in ("technical", "additional"):
             for email in item.get(role, []) or []:

@@ -73,8 +73,13 @@ class WebApp:
 
     def _page(self, lang: str, name: str, status: int = 200, **ctx: Any) -> web.Response:
         body = self.desk.renderer.render_page(lang, name, **ctx)
-        return web.Response(text=body, status=status, content_type="text/html",
-                            charset="utf-8", headers=PAGE_HEADERS)  # fmt: skip
+        return web.Response(
+            text=body,
+            status=status,
+            content_type="text/html",
+            charset="utf-8",
+            headers=PAGE_HEADERS,
+        )
 
     def _limited(self, request: web.Request) -> web.Response | None:
         if self.limiter.allow(request.remote or "unknown"):
@@ -91,13 +96,19 @@ class WebApp:
             info = await confirm.inspect(self.db, token)
         except Exception as exc:
             self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
-            return self._page(self.desk.config.notices.default_lang, "error", 503,
-                              kind="unavailable")  # fmt: skip
+            return self._page(
+                self.desk.config.notices.default_lang, "error", 503, kind="unavailable"
+            )
         if info.state is not LinkState.VALID:
             return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
-        return self._page(info.lang, "authorize", ticket_number=info.ticket_number,
-                          subject=info.subject, sender=info.sender,
-                          action_url=f"/authorize/{token}")  # fmt: skip
+        return self._page(
+            info.lang,
+            "authorize",
+            ticket_number=info.ticket_number,
+            subject=info.subject,
+            sender=info.sender,
+            action_url=f"/authorize/{token}",
+        )
 
     async def authorize_confirm(self, request: web.Request) -> web.Response:
         limited = self._limited(request)
@@ -108,21 +119,25 @@ class WebApp:
             info = await confirm.confirm(self.db, self.desk, token)
         except Exception as exc:
             self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
-            return self._page(self.desk.config.notices.default_lang, "error", 503,
-                              kind="unavailable")  # fmt: skip
+            return self._page(
+                self.desk.config.notices.default_lang, "error", 503, kind="unavailable"
+            )
         if info.state is not LinkState.VALID:
             return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
-        return self._page(info.lang, "confirmed", ticket_number=info.ticket_number,
-                          subject=info.subject)  # fmt: skip
+        return self._page(
+            info.lang, "confirmed", ticket_number=info.ticket_number, subject=info.subject
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         ok = await self.db.ping()
-        return web.json_response({"status": "ok" if ok else "database unavailable"},
-                                 status=200 if ok else 503)  # fmt: skip
+        return web.json_response(
+            {"status": "ok" if ok else "database unavailable"}, status=200 if ok else 503
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.desk.metrics.render(),
-                            content_type="text/plain", charset="utf-8")  # fmt: skip
+        return web.Response(
+            text=self.desk.metrics.render(), content_type="text/plain", charset="utf-8"
+        )
 
     async def panel_ticket(self, request: web.Request) -> web.Response:
         expected = self.desk.config.http.panel_token
@@ -133,8 +148,9 @@ class WebApp:
             or scheme.lower() != "bearer"
             or not hmac.compare_digest(credential.strip().encode(), expected.encode())
         ):
-            return web.json_response({"error": "unauthorized"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            return web.json_response(
+                {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         return await panel.create_ticket(request, self.db, self.desk, self.on_panel_ticket)
 
 

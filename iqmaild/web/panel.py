@@ -30,9 +30,11 @@ class PanelTicket(BaseModel):
 
 
 async def create_ticket(
-    request: web.Request, db: Database, desk: Desk,
+    request: web.Request,
+    db: Database,
+    desk: Desk,
     process: Callable[[int], Awaitable[Any]],
-) -> web.Response:  # fmt: skip
+) -> web.Response:
     try:
         data = PanelTicket.model_validate(await request.json())
     except (ValidationError, ValueError) as exc:
@@ -57,14 +59,29 @@ async def create_ticket(
     msg["Date"] = format_datetime(utcnow(), usegmt=True)
     msg["Message-ID"] = desk.composer.new_message_id(None)
     msg.set_content(data.body, charset="utf-8", cte="quoted-printable")
-    item = Incoming(raw=msg.as_bytes(), mail_from=contact, rcpt_to=[], channel="panel",
-                    peer=request.remote or "", account_id=account.id,
-                    extra={"panel_service": data.service_id or ""})  # fmt: skip
+    item = Incoming(
+        raw=msg.as_bytes(),
+        mail_from=contact,
+        rcpt_to=[],
+        channel="panel",
+        peer=request.remote or "",
+        account_id=account.id,
+        extra={"panel_service": data.service_id or ""},
+    )
     try:
         async with db.transaction() as session:
-            row = Message(channel="panel", mail_from=contact, rcpt_to=[], peer=item.peer,
-                          raw=item.raw, raw_sha256=item.sha256, message_id=item.message_id,
-                          account_id=account.id, headers=item.extra, state="received")  # fmt: skip
+            row = Message(
+                channel="panel",
+                mail_from=contact,
+                rcpt_to=[],
+                peer=item.peer,
+                raw=item.raw,
+                raw_sha256=item.sha256,
+                message_id=item.message_id,
+                account_id=account.id,
+                headers=item.extra,
+                state="received",
+            )
             session.add(row)
             await session.flush()
             message_id = row.id
@@ -82,7 +99,11 @@ async def create_ticket(
     from iqmaild.process.tickets import tag_for
 
     return web.json_response(
-        {"number": ticket.number, "tag": tag_for(desk.tags, desk.key, ticket, True),
-         "authorization": ticket.authorization, "message": message_id},
+        {
+            "number": ticket.number,
+            "tag": tag_for(desk.tags, desk.key, ticket, True),
+            "authorization": ticket.authorization,
+            "message": message_id,
+        },
         status=201,
-    )  # fmt: skip
+    )

@@ -1,0 +1,95 @@
+"""The full customer story over real SMTP and HTTP (DESIGN.md, issue 2)."""
+
+from __future__ import annotations
+
+from email.header import Header
+
+from sqlalchemy import select
+
+from iqmaild.storage.models import AuthToken, Message
+from tests.harness import DESK, STAFF, Harness, link_in
+
+
+async def test_primary_address_story(desk: Harness) -> None:
+    # 1. A new mail from the primary address: pending, link to the sender, staff copy.
+    await desk.send(subject="Problem z pocztą")
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.reasons, row.sender_role) == ("pending", [], "primary")
+    ticket = await desk.ticket(1000)
+    assert ticket.authorization == "pending"
+    tag = await desk.tag(1000)
+
+    mails = desk.new_mail()
+    by_rcpt = {m.envelope_to[0]: m for m in mails}
+    assert set(by_rcpt) == {"owner@acme.test", STAFF}
+    auth = by_rcpt["owner@acme.test"]
+    assert str(auth["Subject"]).count(tag) == 1
+    assert "Problem z pocztą" in str(auth["Subject"])
+    assert auth["Auto-Submitted"] == "auto-replied"
+    assert auth["In-Reply-To"]
+    staff = by_rcpt[STAFF]
+    assert staff["X-IQ-Authorization"] == "pending"
+    assert staff["X-IQ-Ticket"] == "1000"
+
+    # 2. GET shows the page and authorizes nothing (scanners pre-fetch links).
+    path = link_in(auth)
+    async with desk.http.get(desk.base_url + path) as resp:
+        page = await resp.text()
+        assert resp.status == 200
+    assert "1000" in page and "<form" in page and 'method="post"' in page
+    assert (await desk.ticket(1000)).authorization == "pending"
+    async with desk.db.read() as session:
+        token = await session.scalar(select(AuthToken))
+        assert token is not None and token.used_at is None
+        assert path.rsplit("/", 1)[1] not in token.token_hash  # only the hash is stored
+
+    # 3. POST authorizes: staff get the message again as authorized, customer an ack.
+    async with desk.http.post(desk.base_url + path) as resp:
+        assert resp.status == 200
+    assert (await desk.ticket(1000)).authorization == "authorized"
+    await desk.drain()
+    mails = desk.new_mail()
+    kinds = {(m.envelope_to[0], m["X-IQ-Authorization"]) for m in mails}
+    assert (STAFF, "authorized") in kinds
+    ack = next(m for m in mails if m.envelope_to[0] == "owner@acme.test")
+    assert str(ack["Subject"]).count(tag) == 1
+    async with desk.db.read() as session:
+        row = await session.get(Message, row.id)
+        assert row is not None and row.decision == "authorized"
+
+    # A second POST (double click) changes nothing and says the link is used.
+    async with desk.http.post(desk.base_url + path) as resp:
+        assert resp.status == 410
+
+    # 4. The customer answers from Outlook: "RE: Odp:" and a folded encoded subject.
+    subject = Header(f"RE: Odp: {tag} Problem z pocztą – dalej nie działa", "utf-8").encode(
+        maxlinelen=40
+    )
+    assert "\n" in subject or "=?" in subject
+    await desk.send(subject=subject, headers={"Thread-Index": "AdnBzX4kLw5Oq1ZzS3mFwH2uYxk3nQ=="})
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.reasons) == ("authorized", [])
+    assert row.ticket_id == ticket.id
+    staff_copy = desk.new_mail()
+    assert [m["X-IQ-Authorization"] for m in staff_copy] == ["authorized"]
+    assert staff_copy[0].envelope_to == [STAFF]
+
+
+async def test_reply_without_subject_tag_is_filed_by_reference(desk: Harness) -> None:
+    await desk.send(subject="Faktura")
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to[0] == "owner@acme.test")
+    our_id = auth["Message-ID"]
+    # A client that rewrote the subject, but kept In-Reply-To.
+    await desk.send(subject="Odp: Faktura", headers={"In-Reply-To": our_id, "References": our_id})
+    await desk.drain()
+    row = await desk.last_message()
+    first = await desk.ticket(1000)
+    assert row.ticket_id == first.id
+    assert (row.decision, row.reasons) == ("unauthorized", ["code_missing"])
+    notice = next(m for m in desk.new_mail() if m.envelope_to[0] == "owner@acme.test")
+    # The primary may authorize, so the notice carries the code.
+    assert await desk.tag(1000) in str(notice["Subject"])
+    assert DESK in str(notice["From"])
