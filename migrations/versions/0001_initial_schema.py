@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 12:34:31.514459
+Create Date: 2026-11-25 12:42:05.032960
 """
 
 from alembic import op
@@ -126,6 +126,7 @@ def upgrade() -> None:
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_messages_from_address'), ['from_address'], unique=False)
         batch_op.create_index(batch_op.f('ix_messages_message_id'), ['message_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_messages_raw_sha256'), ['raw_sha256'], unique=False)
         batch_op.create_index('ix_messages_state_next', ['state', 'next_attempt_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_messages_ticket_id'), ['ticket_id'], unique=False)
 
@@ -210,6 +211,7 @@ def downgrade() -> None:
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_messages_ticket_id'))
         batch_op.drop_index('ix_messages_state_next')
+        batch_op.drop_index(batch_op.f('ix_messages_raw_sha256'))
         batch_op.drop_index(batch_op.f('ix_messages_message_id'))
         batch_op.drop_index(batch_op.f('ix_messages_from_address'))
 

@@ -1,0 +1,60 @@
+"""Models and migrations agree, on both back ends; serve refuses an old schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
+
+from iqmaild.storage import schema
+from iqmaild.storage.db import Database
+from iqmaild.storage.models import Base
+from tests.pg import temp_database
+
+
+async def _diff(db: Database) -> list[Any]:
+    def compare(conn: Any) -> list[Any]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    async with db.engine.connect() as conn:
+        return await conn.run_sync(compare)
+
+
+async def _check(url: str) -> None:
+    db = Database(url)
+    try:
+        with pytest.raises(schema.SchemaOutdated, match="iqmaild migrate"):
+            await schema.ensure_current(db)
+        await schema.upgrade(db)
+        await schema.ensure_current(db)
+        assert await _diff(db) == []
+        await schema.upgrade(db)  # idempotent
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_migrations_match_models(tmp_path: Path) -> None:
+    await _check(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+
+
+@pytest.mark.postgres
+async def test_postgres_migrations_match_models() -> None:
+    async with temp_database() as url:
+        await _check(url)
+
+
+async def test_sqlite_runs_in_wal_with_full_sync(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    try:
+        async with db.transaction() as session:
+            mode = (await session.execute(text("PRAGMA journal_mode"))).scalar()
+            sync = (await session.execute(text("PRAGMA synchronous"))).scalar()
+            fks = (await session.execute(text("PRAGMA foreign_keys"))).scalar()
+        assert (mode, sync, fks) == ("wal", 2, 1)  # 2 = FULL
+    finally:
+        await db.dispose()

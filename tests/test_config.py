@@ -1,0 +1,87 @@
+"""The config: validation messages, and config.example.toml documents every key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from iqmaild.config import Config, ConfigError, load_config, parse_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out |= _keys(annotation, key + ".")
+        else:
+            out.add(key)
+    return out
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+def test_example_documents_every_key_and_is_valid() -> None:
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert _flatten(data) == _keys(Config)
+    config = parse_config(data)
+    assert config.tickets.tag_prefix == "IQ.pl"
+
+
+def _base() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d["smtp"].pop("desk_addresses"), "smtp.desk_addresses: missing required key"),
+        (lambda d: d["smtp"].update(listen="localhost"), "smtp.listen: must be host:port"),
+        (lambda d: d["smtp"].update(lisen="x"), "smtp.lisen: unknown key"),
+        (lambda d: d["security"].update(secret_key="short"), "security.secret_key"),
+        (lambda d: d["http"].update(public_url="bok.iq.pl"), "http.public_url"),
+        (lambda d: d["outbound"].pop("from"), "outbound.from: missing required key"),
+        (lambda d: d["smtp"].update(desk_addresses=["not an address"]), "smtp.desk_addresses"),
+        (lambda d: d["security"].update(admin_header_patterns=["X-Mailer: ("]), "admin_header"),
+        (lambda d: d["tickets"].update(number_start=0), "tickets.number_start"),
+    ],
+)
+def test_errors_name_the_key_in_one_line(change: Any, expected: str) -> None:
+    data = _base()
+    change(data)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_file_problems_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp\nlisten=", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv("IQMAILD_CONFIG", str(path))
+    assert load_config().smtp.listen == "127.0.0.1:2526"
