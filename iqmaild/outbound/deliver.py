@@ -115,7 +115,7 @@ class OutboxWorker:
                 "outbox.failed",
                 outbox=item.id,
                 kind=item.kind,
-                ticket=item.ticket_id,
+                ticket_id=item.ticket_id,
                 error=str(exc)[:300],
             )
             self.metrics.inc("outbox_failed_total", kind=item.kind)
@@ -124,9 +124,9 @@ class OutboxWorker:
             await self._defer(item, str(exc))
             return
         await self._finish(item, "sent", None)
-        self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket=item.ticket_id)
+        self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket_id=item.ticket_id)
         if item.kind == "auth_request":
-            self.log.info("authlink.sent", outbox=item.id, ticket=item.ticket_id)
+            self.log.info("authlink.sent", outbox=item.id, ticket_id=item.ticket_id)
         self.metrics.inc("outbox_sent_total", kind=item.kind)
 
     async def _send(self, item: OutboxItem) -> None:

@@ -1,0 +1,3 @@
+from iqmaild.cli import main
+
+main()
