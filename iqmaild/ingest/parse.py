@@ -7,7 +7,9 @@ fallible: bad input becomes defects and facts, never an exception.
 
 from __future__ import annotations
 
+import codecs
 import email
+import itertools
 import re
 from dataclasses import dataclass, field
 from email import policy
@@ -21,6 +23,9 @@ from iqmaild.core.tag import TagFormat
 from iqmaild.core.vocabulary import Channel
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
+# Raw 8-bit bytes the email package could not decode (surrogate escapes): a str
+# holding them cannot be encoded for the database, a log line or a mail.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MSGID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,250})>")
 _THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
 _HEADER_VALUE_LIMIT = 2000
@@ -29,7 +34,22 @@ STORED_HEADERS = ("from", "to", "cc", "reply-to", "sender", "subject", "date", "
 
 def clean_text(value: str, limit: int = _HEADER_VALUE_LIMIT) -> str:
     """Decoded header text with CR/LF/NUL and other controls removed (CVE-2024-6923)."""
+    value = _SURROGATES.sub("\ufffd", value)
     return " ".join(_CONTROLS.sub(" ", value).split())[:limit]
+
+
+def _utf8(text: str) -> str | None:
+    """Raw 8-bit from the wire read as UTF-8 (RFC 6532 addresses); None when it is not.
+
+    Strict decoding never yields ASCII from bytes >= 0x80, so this cannot turn
+    anything into the address of a directory entry written in ASCII.
+    """
+    if not _SURROGATES.search(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,55 @@ def _first(msg: EmailMessage, name: str) -> str:
     return clean_text(_safe_str(values[0])) if values else ""
 
 
+def _charsets(msg: EmailMessage) -> list[str]:
+    """Where raw 8-bit header bytes are not UTF-8: the charsets to read them in.
+
+    Old clients (Outlook Express) send unencoded ISO-8859-2/windows-1250 headers;
+    the charset they declare for the text is the best guess, windows-1250 the last.
+    """
+    out: list[str] = []
+    parts: list[Any] = [msg]
+    try:
+        if msg.is_multipart():
+            parts.extend(itertools.islice(msg.iter_parts(), 20))
+    except Exception:
+        pass
+    for part in parts:
+        try:
+            name = codecs.lookup(part.get_content_charset() or "ascii").name
+        except Exception:
+            continue
+        if name != "ascii" and not name.startswith("utf") and name not in out:
+            out.append(name)
+    return [*out, "cp1250"] if "cp1250" not in out else out
+
+
+def _display(msg: EmailMessage, name: str, charsets: list[str]) -> str:
+    """Header text for people: like `_first`, but raw 8-bit read in ``charsets``.
+
+    For display only (Subject, names); addresses always come from `_mailboxes`.
+    """
+    value = _first(msg, name)
+    if "\ufffd" not in value:
+        return value
+    try:
+        raw = next(v for k, v in msg.raw_items() if k.lower() == name)
+        data = raw.encode("ascii", "surrogateescape")
+        data.decode("utf-8")
+        return value  # valid UTF-8: the replacement characters were sent as such
+    except UnicodeDecodeError:
+        pass
+    except Exception:
+        return value
+    for charset in charsets:
+        try:
+            text = data.decode(charset)
+            return clean_text(_safe_str(policy.default.header_fetch_parse(name, text)))
+        except Exception:
+            continue
+    return value
+
+
 # Decoding trouble in a display name is not a malformed address.
 _COSMETIC_DEFECTS = frozenset({"UndecodableBytesDefect", "CharsetError", "NonPrintableDefect"})
 
@@ -77,8 +146,10 @@ def _mailboxes(header: Any) -> tuple[list[str], bool]:
         return out, True
     for address in addresses:
         try:
-            spec = address.addr_spec
+            spec = _utf8(address.addr_spec)
         except Exception:
+            spec = None
+        if spec is None:
             defective = True
             continue
         norm = normalize(spec) if address.username and address.domain else None
@@ -171,7 +242,8 @@ def parse_message(
     msg: EmailMessage = email.message_from_bytes(raw, policy=policy.default)  # type: ignore[assignment]
     defects = [type(d).__name__ for d in getattr(msg, "defects", [])]
     from_addresses, from_defect = _from_addresses(msg)
-    subject = _first(msg, "subject")
+    charsets = _charsets(msg)
+    subject = _display(msg, "subject", charsets)
     in_reply_to = _first(msg, "in-reply-to")
     references_text = " ".join(_safe_str(v) for v in _safe_all(msg, "references"))
     references = tuple(_message_ids(references_text))[-50:]
@@ -216,7 +288,7 @@ def parse_message(
         references=tuple(dict.fromkeys([*references, *_message_ids(in_reply_to)])),
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
-        headers={h: _first(msg, h) for h in STORED_HEADERS if _safe_all(msg, h)},
+        headers={h: _display(msg, h, charsets) for h in STORED_HEADERS if _safe_all(msg, h)},
         defects=tuple(defects),
     )
 

@@ -151,28 +151,52 @@ class Composer:
         """
         head, sep, body = _split_head(raw)
         kept: list[bytes] = []
-        dropping = False
+        dropping = True  # continuation lines before the first header belong to nothing
         for line in head.splitlines(keepends=True):
             if line[:1] in (b" ", b"\t"):
                 if not dropping:
-                    kept.append(line)
+                    kept.append(_wrap(line, header=True))
                 continue
             dropping = bool(_XIQ.match(line))
             if not dropping:
-                kept.append(line)
+                kept.append(_wrap(line, header=True))
         ours = b"".join(
             f"{name}: {_header_safe(value)}\r\n".encode("ascii", "replace")
             for name, value in verdict_headers.items()
         )
+        if any(len(line) > SMTP_LINE_LIMIT for line in body.splitlines()):
+            body = b"".join(_wrap(line, header=False) for line in body.splitlines(keepends=True))
         return ours + b"".join(kept) + sep + body
 
 
+SMTP_LINE_LIMIT = 998
+
+
+def _wrap(line: bytes, *, header: bool) -> bytes:
+    """Lines over SMTP's 998 octets are split as Postfix does (headers at spaces)."""
+    if len(line) <= SMTP_LINE_LIMIT:
+        return line
+    content = line.rstrip(b"\r\n")
+    ending = line[len(content) :] or b"\r\n"
+    pieces: list[bytes] = []
+    while len(content) > SMTP_LINE_LIMIT:
+        cut = content.rfind(b" ", 1, SMTP_LINE_LIMIT) if header else -1
+        if cut <= 0:
+            cut = SMTP_LINE_LIMIT - 1
+        pieces.append(content[:cut])
+        content = (b" " if header and not content[cut : cut + 1].isspace() else b"") + content[cut:]
+    pieces.append(content)
+    return b"\r\n".join(pieces) + ending
+
+
 def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        index = raw.find(sep)
-        if index != -1:
-            return raw[: index + len(sep) // 2], sep[len(sep) // 2 :], raw[index + len(sep) :]
-    return raw, b"", b""
+    """(header section with its last line ending, blank line, body)."""
+    found = [(i, sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := raw.find(sep)) != -1]
+    if not found:
+        return raw, b"", b""
+    index, sep = min(found)
+    half = len(sep) // 2
+    return raw[: index + half], sep[half:], raw[index + len(sep) :]
 
 
 def _header_safe(value: str) -> str:
