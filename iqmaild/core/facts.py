@@ -67,6 +67,10 @@ class DirectoryView:
     def shares_of(self, email: str) -> tuple[ShareEntry, ...]:
         return self.shares.get(email, ())
 
+    def knows(self, email: str) -> bool:
+        """The address is in the directory at all (any role or any share)."""
+        return bool(self.entries(email) or self.shares_of(email))
+
     def is_primary(self, email: str, account_id: str) -> bool:
         return any(
             e.account_id == account_id and e.role is Role.PRIMARY for e in self.entries(email)

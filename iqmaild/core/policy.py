@@ -128,8 +128,10 @@ def _sender_has(role: Role) -> Callable[[Situation], bool]:
 
 
 def _unknown_sender(s: Situation) -> bool:
-    if s.sender is None or s.sender_eligible or len(s.candidate_accounts) > 1:
+    if s.sender is None or s.sender_eligible:
         return False
+    if s.account_id is None and len(s.candidate_accounts) > 1:
+        return False  # ambiguous_account says it; once the ticket names the account, it is not
     return s.sender_role in (None, Role.UNKNOWN)
 
 
@@ -193,9 +195,12 @@ def situate(
     """Derive sender, account, service and participants once for all rules."""
     sender = facts.sender
     candidates: tuple[str, ...] = ()
-    account_id = ticket.account_id if ticket else None
-    if facts.channel is Channel.PANEL:
-        account_id = facts.panel_account_id
+    panel = facts.channel is Channel.PANEL
+    # The panel always creates a new ticket in the scope it names: a tag in its
+    # Subject must not lend it another ticket's account or service, and no service
+    # is inferred from the sender's shares.
+    scope = None if panel else ticket
+    account_id = facts.panel_account_id if panel else (scope.account_id if scope else None)
     if sender is not None:
         candidates = directory.eligible_accounts(sender)
         if account_id is None and len(candidates) == 1:
@@ -203,8 +208,9 @@ def situate(
         if account_id is None and not candidates:
             owners = {e.account_id for e in directory.entries(sender)}
             account_id = owners.pop() if len(owners) == 1 else None
-    service_id = ticket.service_id if ticket else facts.panel_service_id
-    if ticket is None and account_id and sender and not directory.is_primary(sender, account_id):
+    service_id = facts.panel_service_id if panel else (scope.service_id if scope else None)
+    new_by_mail = scope is None and not panel
+    if new_by_mail and account_id and sender and not directory.is_primary(sender, account_id):
         services = directory.shared_services(sender, account_id)
         if service_id is None and len(services) == 1:
             service_id = services[0]
@@ -254,7 +260,9 @@ def classify(
     actions: tuple[Action, ...]
     if facts.channel is Channel.PANEL:
         actions = (Action(ActionKind.STAFF),)
-        if s.sender:
+        # The acknowledgement carries the code: only to a sender who may act on
+        # the ticket (the panel writes as the account's primary address).
+        if s.sender and s.sender_eligible:
             actions += (Action(ActionKind.ACKNOWLEDGEMENT, s.sender, include_code=True),)
         return _verdict(s, Decision.AUTHORIZED, [], TicketAction.NEW, actions)
 
@@ -262,7 +270,7 @@ def classify(
     ticket_action = TicketAction.ATTACH if ticket else TicketAction.NEW
     if hits:
         actions = (Action(ActionKind.STAFF),)
-        if s.sender and (s.sender_role is not Role.UNKNOWN or config.notify_unknown_senders):
+        if s.sender and (config.notify_unknown_senders or directory.knows(s.sender)):
             actions += (Action(ActionKind.NOTICE, s.sender, include_code=s.sender_eligible),)
         return _verdict(s, Decision.UNAUTHORIZED, hits, ticket_action, actions)
     if ticket is not None:
@@ -296,7 +304,8 @@ def _verdict(
         service_id=s.service_id,
         ticket=ticket_action,
         ticket_number=s.ticket.number if attached and s.ticket else None,
-        reopen=bool(attached and s.ticket and s.ticket.closed and decision is not Decision.IGNORED),
+        # Only an authorized follow-up reopens: a guessed number must not reopen tickets.
+        reopen=bool(attached and s.ticket and s.ticket.closed and decision is Decision.AUTHORIZED),
         authorizes_ticket=bool(
             attached and s.ticket and not s.ticket.authorized and decision is Decision.AUTHORIZED
         ),

@@ -30,8 +30,11 @@ class TagMatch:
 
 
 def _tag_pattern(prefix: str) -> re.Pattern[str]:
+    # NUMBER is ASCII digits only (``\d`` would take any Unicode digit). CODE takes
+    # any run of non-space characters, so that a short, long or non-hex code is a
+    # tag with a wrong code rather than no tag at all.
     return re.compile(
-        r"\[\s*" + re.escape(prefix) + r"\s*#\s*(\d{1,18})\s*(?::\s*([0-9a-fA-F]*)\s*)?\]",
+        r"\[\s*" + re.escape(prefix) + r"\s*#\s*([0-9]{1,18})\s*(?::\s*([^\s\[\]]*)\s*)?\]",
         re.IGNORECASE,
     )
 
@@ -55,16 +58,15 @@ class TagFormat:
         A tag with an empty or malformed code counts as a tag with a code that
         can never match (``code_mismatch``), not as a missing one.
         """
-        match = self._pattern.search(subject)
-        if match is None:
-            return None
-        number = int(match.group(1))
-        if number <= 0:
-            return None
-        raw_code = match.group(2)
-        if raw_code is None:
-            return TagMatch(number, None)
-        return TagMatch(number, raw_code.lower())
+        for match in self._pattern.finditer(subject):
+            number = int(match.group(1))
+            if number <= 0:
+                continue  # not a ticket number; a later tag may still be one
+            raw_code = match.group(2)
+            if raw_code is None:
+                return TagMatch(number, None)
+            return TagMatch(number, raw_code.lower())
+        return None
 
     def strip(self, subject: str) -> str:
         """The customer's subject text without any tag and reply prefixes."""

@@ -13,7 +13,10 @@ import hmac
 import re
 
 _SIG_HEX = 16
-_REF = re.compile(r"<iq\.(\d{1,18})\.([0-9a-z]{6,40})\.([0-9a-f]{16})@([^<>\s]+)>", re.IGNORECASE)
+_REF = re.compile(
+    r"<iq\.([0-9]{1,18})\.([0-9a-z]{6,40})\.([0-9a-f]{16})@([^<>\s]+)>", re.IGNORECASE
+)
+_UNIQUE = re.compile(r"[0-9a-z]{6,40}")
 
 
 def _signature(key: bytes, number: int, unique: str) -> str:
@@ -25,6 +28,9 @@ def make_message_id(key: bytes, number: int | None, unique: str, domain: str) ->
     """A Message-ID of our domain; with a ticket number it carries a signed reference."""
     if number is None:
         return f"<iq.{unique}@{domain}>"
+    unique = unique.lower()  # the finder checks the signature of the lowercased form
+    if number <= 0 or not _UNIQUE.fullmatch(unique):
+        raise ValueError("a signed reference needs a positive number and 6-40 [0-9a-z]")
     return f"<iq.{number}.{unique}.{_signature(key, number, unique)}@{domain}>"
 
 

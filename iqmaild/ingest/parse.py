@@ -26,7 +26,7 @@ _CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 # Raw 8-bit bytes the email package could not decode (surrogate escapes): a str
 # holding them cannot be encoded for the database, a log line or a mail.
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
-_MSGID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,250})>")
+_MSGID = re.compile(r"<([\x21-\x3b\x3d\x3f-\x7e]{1,250})>")  # ASCII only: never an encoded word
 _THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
 _HEADER_VALUE_LIMIT = 2000
 STORED_HEADERS = ("from", "to", "cc", "reply-to", "sender", "subject", "date", "message-id")

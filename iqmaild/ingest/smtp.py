@@ -98,6 +98,13 @@ class _LongLinesSMTP(SMTP):
 class _LongLinesLMTP(LMTP):
     line_length_limit = 1 << 20
 
+    async def push(self, status: str) -> None:
+        """aiosmtpd's own DATA errors come once; LMTP needs one per recipient."""
+        rcpts = len(getattr(self.envelope, "rcpt_tos", None) or ())
+        if rcpts > 1 and status.startswith(("552 Error: Too much", "500 Line too long")):
+            status = "\r\n".join([status] * rcpts)
+        await super().push(status)
+
 
 async def start_listener(
     config: Config, handler: DeskHandler

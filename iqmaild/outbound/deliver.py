@@ -123,6 +123,10 @@ class OutboxWorker:
         except TransientDelivery as exc:
             await self._defer(item, str(exc))
             return
+        except Exception as exc:  # never let one row stop the sender task
+            await self._disconnect()
+            await self._defer(item, f"{type(exc).__name__}: {exc}")
+            return
         await self._finish(item, "sent", None)
         self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket_id=item.ticket_id)
         if item.kind == "auth_request":
@@ -133,7 +137,10 @@ class OutboxWorker:
         for attempt in (1, 2):  # a reused connection may have been closed by the relay
             smtp = await self._connection()
             try:
-                errors, _ = await smtp.sendmail(item.mail_from, [item.recipient], item.content)
+                options = [] if (item.mail_from + item.recipient).isascii() else ["SMTPUTF8"]
+                errors, _ = await smtp.sendmail(
+                    item.mail_from, [item.recipient], item.content, mail_options=options
+                )
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 codes = [r.code for r in exc.recipients]
                 message = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
@@ -203,8 +210,8 @@ class OutboxWorker:
         values: dict[str, Any] = {"state": state, "last_error": error}
         if state == "sent":
             values["sent_at"] = utcnow()
-            if item.kind in REDACT_AFTER_SEND:
-                values["content"] = b""
+        if item.kind in REDACT_AFTER_SEND:
+            values["content"] = b""
         async with self.db.transaction() as session:
             await session.execute(
                 update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
@@ -217,6 +224,8 @@ class OutboxWorker:
         values: dict[str, Any] = {"last_error": error[:2000]}
         if give_up:
             values["state"] = "failed"
+            if item.kind in REDACT_AFTER_SEND:
+                values["content"] = b""
         else:
             values["state"] = "queued"
             values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)

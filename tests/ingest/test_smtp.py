@@ -20,13 +20,15 @@ import pytest
 from sqlalchemy import func, select
 
 from iqmaild.storage.models import Message
-from tests.harness import DESK, Harness, start_harness, stop_harness
+from tests.harness import DESK, STAFF, Harness, start_harness, stop_harness
 
 LIMIT = 1024 * 1024  # smtp.max_message_size in the harness
 SECOND_DESK = "pomoc@desk.test"
 
 
-def mail_bytes(subject: str = "Test", message_id: str = "<m1@client.test>", body: str = "") -> bytes:
+def mail_bytes(
+    subject: str = "Test", message_id: str = "<m1@client.test>", body: str = ""
+) -> bytes:
     text = body or "Dzień dobry,\r\n.linia z kropką na początku\r\nPozdrawiam\r\n"
     return (
         "From: owner@acme.test\r\n"
@@ -60,8 +62,8 @@ async def count_messages(h: Harness) -> int:
 class Wire:
     """A line-level SMTP/LMTP client on a raw socket, run in a worker thread."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    def __init__(self, port: int, timeout: float = 15) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> list[str]:
@@ -81,8 +83,7 @@ class Wire:
 
     def send_data(self, raw: bytes) -> None:
         stuffed = b"".join(
-            b"." + line if line.startswith(b".") else line
-            for line in raw.splitlines(keepends=True)
+            b"." + line if line.startswith(b".") else line for line in raw.splitlines(keepends=True)
         )
         self.sock.sendall(stuffed + b".\r\n")
 
@@ -157,17 +158,19 @@ async def test_data_over_the_limit_is_refused_552_and_nothing_is_stored(
     assert code == 552
     assert await count_messages(desk) == 0
     assert rows_on_disk(tmp_path) == []
-    # The same connection-level limit does not refuse mail just under it.
+    # A mail within the limit still goes through on the next try.
     small = mail_bytes() + line * 10
     code, _ = await desk.send_raw(small)
     assert code == 250
     assert await count_messages(desk) == 1
 
 
-async def test_utf8_envelope_with_smtputf8_is_accepted(desk: Harness, tmp_path: Path) -> None:
-    sender = "użytkownik@przykład.test"
+async def test_utf8_envelope_with_smtputf8_is_accepted_and_processed(
+    desk: Harness, tmp_path: Path
+) -> None:
+    sender = "użytkownik@przykład.test"  # RFC 6531: UTF-8 in the envelope
     raw = (
-        f"From: Zażółć Gęślą <{sender}>\r\n"
+        "From: Zażółć Gęślą <owner@acme.test>\r\n"  # RFC 6532: UTF-8 in headers
         f"To: {DESK}\r\n"
         "Subject: Zażółć gęślą jaźń\r\n"
         "Message-ID: <utf8.1@client.test>\r\n"
@@ -187,6 +190,12 @@ async def test_utf8_envelope_with_smtputf8_is_accepted(desk: Harness, tmp_path: 
     [(_, stored, mail_from)] = rows_on_disk(tmp_path)
     assert stored == raw
     assert mail_from == sender
+    # Classified like any other mail of the owner, not parked as a dead letter.
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.state, row.decision) == ("processed", "pending")
+    assert "Zażółć gęślą jaźń" in row.subject
+    assert sorted(m.envelope_to[0] for m in desk.new_mail()) == ["owner@acme.test", STAFF]
 
 
 # -- durability -------------------------------------------------------------
@@ -196,7 +205,9 @@ async def test_250_comes_only_after_the_commit_with_the_exact_bytes(
     desk: Harness, tmp_path: Path
 ) -> None:
     # 8-bit body, a dot-stuffed line, a long line, a NUL byte: stored exactly as received.
-    raw = mail_bytes(body="Zażółć\r\n..dwie kropki\r\n.\tkropka\r\n" + "y" * 3000 + "\r\nA\x00B\r\n")
+    raw = mail_bytes(
+        body="Zażółć\r\n..dwie kropki\r\n.\tkropka\r\n" + "y" * 3000 + "\r\nA\x00B\r\n"
+    )
 
     def run() -> tuple[int, list[tuple[int, bytes, str]]]:
         with smtplib.SMTP("127.0.0.1", desk.daemon.smtp_port, timeout=15) as client:
@@ -298,7 +309,7 @@ async def test_many_concurrent_senders_all_get_250_after_few_commits(
     stored = {raw for _, raw, _ in rows_on_disk(tmp_path)}
     assert stored == {raw for _, raw in results}
     batches = desk.daemon.committer.batches - before
-    assert 1 <= batches < senders
+    assert 1 <= batches <= senders // 2
 
 
 # -- LMTP -------------------------------------------------------------------
@@ -315,13 +326,15 @@ async def lmtp(tmp_path: Path) -> AsyncIterator[Harness]:
         await stop_harness(h)
 
 
-def lmtp_transaction(port: int, raw: bytes, rcpts: list[str]) -> tuple[list[str], list[str]]:
+def lmtp_transaction(
+    port: int, raw: bytes, rcpts: list[str], timeout: float = 15
+) -> tuple[list[str], list[str]]:
     """LHLO .. DATA; returns the RCPT replies and every status line after the data.
 
     After reading one status per accepted recipient the client sends QUIT: the
     next line must be the 221, so a surplus status line would show up here.
     """
-    wire = Wire(port)
+    wire = Wire(port, timeout)
     try:
         assert wire.reply()[0].startswith("220")
         lhlo = wire.cmd("LHLO client.test")
@@ -363,16 +376,11 @@ async def test_lmtp_storage_failure_answers_451_per_recipient(
     assert [s[:9] for s in statuses] == ["451 4.3.0", "451 4.3.0", "221 Bye"[:9]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in LMTP mode an oversized DATA gets one 552 from aiosmtpd's own size check "
-    "(data_size_limit), not one per recipient; iqmaild/ingest/smtp.py start_listener",
-)
 async def test_lmtp_oversized_data_answers_552_per_recipient(lmtp: Harness) -> None:
     line = b"x" * 998 + b"\r\n"
     raw = mail_bytes() + line * (LIMIT // len(line) + 10)
     _, statuses = await asyncio.to_thread(
-        lmtp_transaction, lmtp.daemon.smtp_port, raw, [DESK, SECOND_DESK]
+        lmtp_transaction, lmtp.daemon.smtp_port, raw, [DESK, SECOND_DESK], 2
     )
     assert [s[:3] for s in statuses] == ["552", "552", "221"]
     assert await count_messages(lmtp) == 0

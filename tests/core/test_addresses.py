@@ -1,0 +1,84 @@
+"""Normalization of mailbox addresses (DESIGN.md, "The authorization rules": Inputs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iqmaild.core.addresses import domain_of, local_part, normalize
+
+ZAZOLC = "xn--za-6ja4f8n1l.pl"  # zażółć.pl
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("owner@acme.test", "owner@acme.test"),
+        ("Owner@ACME.Test", "owner@acme.test"),  # local part too: compared case-insensitively
+        ("OWNER@acme.test", "owner@acme.test"),
+        ("<owner@acme.test>", "owner@acme.test"),
+        ("  < owner@acme.test >  ", "owner@acme.test"),
+        ("owner@acme.test.", "owner@acme.test"),  # trailing dot of a fully qualified name
+        ("owner@ACME.TEST.", "owner@acme.test"),
+        ("jan@zażółć.pl", f"jan@{ZAZOLC}"),
+        ("jan@ZAŻÓŁĆ.PL", f"jan@{ZAZOLC}"),
+        ("jan@zażółć.pl.", f"jan@{ZAZOLC}"),
+        (f"jan@{ZAZOLC}", f"jan@{ZAZOLC}"),  # A-label as sent: unchanged
+        (f"jan@{ZAZOLC.upper()}", f"jan@{ZAZOLC}"),
+        ("jan@zaz\u0307o\u0301ł\u0107.pl", f"jan@{ZAZOLC}"),  # decomposed (NFD) form
+        ("Żółw@x.pl", "żółw@x.pl"),  # UTF-8 local part (SMTPUTF8) kept, lowercased
+        ('"a@b"@c.test', '"a@b"@c.test'),  # quoted local part may hold "@"
+        ("first.last+tag@sub.acme.test", "first.last+tag@sub.acme.test"),
+    ],
+)
+def test_normalize(raw: str, expected: str) -> None:
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "   ",
+        "<>",
+        "owner",  # no @
+        "owner.acme.test",
+        "@acme.test",  # empty local part
+        "owner@",  # empty domain
+        "owner@.",
+        "@",
+        "owner @acme.test",  # spaces
+        "owner@acme .test",
+        "own er@acme.test",
+        "owner@acme\t.test",
+        "owner@acme.test\u00a0x",  # no-break space
+        "owner@acme\x00.test",  # controls
+        "owner\r\n@acme.test",
+        "owner@acme.test\x1b",
+        "own\x7fer@acme.test",
+        "owner@acme..test",  # empty label
+        "owner@.acme.test",
+        "owner@@acme.test",  # unquoted @ in the local part
+        "owner@evil.test@acme.test",
+        # IDNA 2003 would map these onto another name: refused, not confused
+        "owner@faß.de",  # would become fass.de
+        "owner@acme\u200b.test",  # zero-width space dropped -> acme.test
+        "owner@ＡＣＭＥ.test",  # full-width -> acme.test
+        "owner@\u00ad" + "acme.test",  # soft hyphen dropped
+    ],
+)
+def test_not_an_address(raw: str) -> None:
+    assert normalize(raw) is None
+
+
+def test_normalize_is_idempotent() -> None:
+    for raw in ("Owner@ACME.Test.", "jan@ZAŻÓŁĆ.PL", '"A@B"@C.test', "Żółw@x.pl"):
+        once = normalize(raw)
+        assert once is not None
+        assert normalize(once) == once
+
+
+def test_domain_and_local_part() -> None:
+    assert domain_of("owner@acme.test") == "acme.test"
+    assert local_part("owner@acme.test") == "owner"
+    assert domain_of('"a@b"@c.test') == "c.test"
+    assert local_part('"a@b"@c.test') == '"a@b"'

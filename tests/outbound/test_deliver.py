@@ -1,0 +1,343 @@
+"""The outbox sender against a real SMTP relay (DESIGN.md: "Outbound mail and loop protection").
+
+4xx and connection errors are retried, 5xx recorded as failed, rows a crash left
+in ``sending`` are re-queued and sent once, one connection carries many mails,
+automatic mail is marked and rate-limited, and the link leaves no copy behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import select, update
+
+from iqmaild import logs
+from iqmaild.outbound.capture import CaptureRelay
+from iqmaild.service import Daemon
+from iqmaild.storage.models import OutboxItem, utcnow
+from tests.harness import STAFF, Harness, start_harness, stop_harness
+
+OWNER = "owner@acme.test"
+
+
+async def outbox(h: Harness) -> list[OutboxItem]:
+    async with h.db.read() as session:
+        return list(await session.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+async def metrics_text(h: Harness) -> str:
+    async with h.http.get(h.base_url + "/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def by_kind(rows: list[OutboxItem]) -> dict[str, OutboxItem]:
+    out = {r.kind: r for r in rows}
+    assert len(out) == len(rows), [r.kind for r in rows]
+    return out
+
+
+async def wait_until_due(h: Harness) -> None:
+    """Sleep past the latest next_attempt_at of queued rows."""
+    rows = [r for r in await outbox(h) if r.state == "queued"]
+    if rows:
+        due = max(r.next_attempt_at for r in rows)
+        await asyncio.sleep(max((due - utcnow()).total_seconds(), 0) + 0.02)
+
+
+class CountingRelay(CaptureRelay):
+    """The capture relay, also counting the SMTP connections it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions: list[Session] = []
+        self.servers: list[SMTP] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not any(s is session for s in self.sessions):
+            self.sessions.append(session)
+            self.servers.append(server)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def swap_relay(h: Harness, relay: CaptureRelay) -> None:
+    """Put another relay on the configured relay port."""
+    port = h.relay.port
+    await h.relay.stop()
+    await relay.start(port=port)
+    h.relay = relay
+
+
+@pytest.fixture
+async def logged(tmp_path: Path) -> AsyncIterator[tuple[Harness, io.StringIO]]:
+    """A desk whose JSON log lines (info and up) are kept for the test to read."""
+    stream = io.StringIO()
+    logs.configure("info", stream=stream)
+    try:
+        h = await start_harness(tmp_path)
+        try:
+            yield h, stream
+        finally:
+            await stop_harness(h)
+    finally:
+        logs.configure("warning")
+
+
+def events(stream: io.StringIO, *names: str) -> list[dict[str, Any]]:
+    out = []
+    for line in stream.getvalue().splitlines():
+        record = json.loads(line)
+        if record.get("event") in names:
+            out.append(record)
+    return out
+
+
+# -- retries and failures ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [("data", "451 4.3.0 Try again later"), ("rcpt", "450 4.2.1 Mailbox busy")],
+)
+async def test_a_4xx_is_deferred_and_delivered_on_retry(
+    logged: tuple[Harness, io.StringIO], stage: str, reply: str
+) -> None:
+    desk, stream = logged
+    getattr(desk.relay, f"{stage}_replies").append(reply)
+    await desk.send()
+    await desk.drain()
+
+    rows = await outbox(desk)
+    deferred = [r for r in rows if r.state == "queued"]
+    assert len(deferred) == 1 and [r.state for r in rows].count("sent") == 1
+    row = deferred[0]
+    assert row.attempts == 1
+    assert reply[:3] in (row.last_error or "")
+    assert row.next_attempt_at > row.created_at
+    assert len(desk.relay.messages) == 1
+
+    await wait_until_due(desk)
+    await desk.drain()
+    async with desk.db.read() as session:
+        done = await session.get(OutboxItem, row.id)
+    assert done is not None
+    assert (done.state, done.attempts, done.last_error) == ("sent", 2, None)
+    assert done.sent_at is not None
+    assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, STAFF])
+
+    history = [
+        e["event"]
+        for e in events(stream, "outbox.deferred", "outbox.sent", "outbox.failed")
+        if e["outbox"] == row.id
+    ]
+    assert history == ["outbox.deferred", "outbox.sent"]
+    assert f'iqmaild_outbox_deferred_total{{kind="{row.kind}"}} 1' in await metrics_text(desk)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [("data", "550 5.7.1 Message refused"), ("rcpt", "550 5.1.1 No such user")],
+)
+async def test_a_5xx_is_recorded_as_failed_and_never_retried(
+    logged: tuple[Harness, io.StringIO], stage: str, reply: str
+) -> None:
+    desk, stream = logged
+    getattr(desk.relay, f"{stage}_replies").append(reply)
+    await desk.send()
+    await desk.drain()
+
+    rows = await outbox(desk)
+    assert sorted(r.state for r in rows) == ["failed", "sent"]
+    failed = next(r for r in rows if r.state == "failed")
+    assert failed.attempts == 1
+    assert reply[:3] in (failed.last_error or "")
+
+    await asyncio.sleep(0.3)  # longer than retry_max_seconds
+    await desk.drain()
+    async with desk.db.read() as session:
+        again = await session.get(OutboxItem, failed.id)
+    assert again is not None and (again.state, again.attempts) == ("failed", 1)
+    assert len(desk.relay.messages) == 1
+    assert [e["outbox"] for e in events(stream, "outbox.failed")] == [failed.id]
+
+
+async def test_relay_down_keeps_rows_queued_until_it_is_back(tmp_path: Path) -> None:
+    desk = await start_harness(
+        tmp_path, outbound={"retry_base_seconds": 0.5, "retry_max_seconds": 1.0}
+    )
+    try:
+        port = desk.relay.port
+        await desk.relay.stop()
+        await desk.send()
+        started = utcnow()
+        await desk.drain()
+        rows = await outbox(desk)
+        assert len(rows) == 2
+        for row in rows:
+            assert (row.state, row.attempts) == ("queued", 1)
+            assert row.next_attempt_at > started + timedelta(seconds=0.3)
+            assert "relay" in (row.last_error or "")
+
+        # Not due yet: another drain does not touch them.
+        await desk.drain()
+        assert [(r.state, r.attempts) for r in await outbox(desk)] == [("queued", 1)] * 2
+
+        await desk.relay.start(port=port)
+        await wait_until_due(desk)
+        await desk.drain()
+        rows = await outbox(desk)
+        assert [(r.state, r.attempts) for r in rows] == [("sent", 2)] * 2
+        assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, STAFF])
+    finally:
+        await stop_harness(desk)
+
+
+async def test_rows_left_sending_by_a_crash_are_requeued_and_sent_once(desk: Harness) -> None:
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    rows = await outbox(desk)
+    assert [r.state for r in rows] == ["queued", "queued"]
+    # The crash: both rows were claimed, the first one also reached the relay
+    # and was marked sent, the second one was in flight.
+    first, second = rows
+    async with desk.db.transaction() as session:
+        await session.execute(
+            update(OutboxItem).where(OutboxItem.id == first.id).values(state="sent", attempts=1)
+        )
+        await session.execute(
+            update(OutboxItem).where(OutboxItem.id == second.id).values(state="sending", attempts=1)
+        )
+
+    await desk.drain()  # a "sending" row is nobody's to send until recovery
+    assert desk.relay.messages == []
+
+    assert await desk.daemon.outbox.recover() == 1
+    await desk.drain()
+    await desk.drain()
+    assert [m.rcpt_tos for m in desk.relay.messages] == [[second.recipient]]
+    after = {r.id: r for r in await outbox(desk)}
+    assert (after[second.id].state, after[second.id].attempts) == ("sent", 2)
+    assert after[first.id].state == "sent"
+    assert await desk.daemon.outbox.recover() == 0
+
+
+async def test_a_restart_requeues_sending_rows(desk: Harness) -> None:
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    async with desk.db.transaction() as session:
+        await session.execute(update(OutboxItem).values(state="sending", attempts=1))
+    await desk.daemon.stop()
+    desk.daemon = Daemon(desk.config)
+    await desk.daemon.start(background=False)
+    await desk.drain()
+    await desk.drain()
+    assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, STAFF])
+    assert [r.state for r in await outbox(desk)] == ["sent", "sent"]
+
+
+# -- connections --------------------------------------------------------------
+
+
+async def test_one_drain_reuses_one_relay_connection(desk: Harness) -> None:
+    relay = CountingRelay()
+    await swap_relay(desk, relay)
+    for i in range(3):
+        await desk.send(subject=f"Zgłoszenie {i}")
+    await desk.drain()
+    assert len(relay.messages) == 6  # three links, three staff copies
+    assert len(relay.sessions) == 1
+
+
+async def test_a_connection_closed_by_the_relay_is_replaced(desk: Harness) -> None:
+    relay = CountingRelay()
+    await swap_relay(desk, relay)
+    await desk.send(subject="Pierwsze")
+    await desk.drain()
+    assert len(relay.sessions) == 1
+    # The relay drops the idle connection (Postfix does after smtpd_timeout).
+    for server in relay.servers:
+        assert server.transport is not None
+        server.transport.close()
+    await asyncio.sleep(0.05)
+    await desk.send(subject="Drugie")
+    await desk.drain()
+    rows = await outbox(desk)
+    assert [r.state for r in rows] == ["sent"] * 4
+    assert [r.attempts for r in rows] == [1] * 4
+    assert len(relay.messages) == 4
+    assert len(relay.sessions) == 2
+
+
+# -- automatic mail -----------------------------------------------------------
+
+
+async def test_automatic_mail_is_marked_as_such(desk: Harness) -> None:
+    await desk.send()
+    await desk.send(sender="stranger@unknown.test", subject="Kim jestem?")
+    await desk.drain()
+    mails = desk.new_mail()
+    automatic = [m for m in mails if m.envelope_to[0] != STAFF]
+    assert sorted(m.envelope_to[0] for m in automatic) == sorted([OWNER, "stranger@unknown.test"])
+    for mail in automatic:
+        assert mail.get_all("Auto-Submitted") == ["auto-replied"]
+        assert mail.get_all("X-Auto-Response-Suppress") == ["All"]
+    # Staff copies are the customer's mail, not an auto-reply.
+    for mail in mails:
+        if mail.envelope_to[0] == STAFF:
+            assert mail["Auto-Submitted"] is None
+
+
+async def test_authorization_mail_is_rate_limited_per_recipient(tmp_path: Path) -> None:
+    limits = {"per_recipient_10min": 2, "per_recipient_day": 20, "per_ticket_day": 10}
+    desk = await start_harness(tmp_path, outbound={"rate_limit": limits})
+    try:
+        for i in range(4):  # e.g. someone forging the owner's From
+            await desk.send(subject=f"Zgłoszenie {i}")
+        await desk.drain()
+        mails = desk.new_mail()
+        to_owner = [m for m in mails if m.envelope_to == [OWNER]]
+        to_staff = [m for m in mails if m.envelope_to == [STAFF]]
+        assert len(to_owner) == 2
+        assert len(to_staff) == 4
+        assert sorted(m["X-IQ-Ticket"] for m in to_staff) == ["1000", "1001", "1002", "1003"]
+        kinds = [r.kind for r in await outbox(desk)]
+        assert kinds.count("auth_request") == 2
+        assert 'iqmaild_autoreplies_suppressed_total{why="recipient_rate_limit"} 2' in (
+            await metrics_text(desk)
+        )
+    finally:
+        await stop_harness(desk)
+
+
+async def test_the_link_is_redacted_from_the_outbox_once_sent(desk: Harness) -> None:
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    queued = by_kind(await outbox(desk))
+    assert b"/authorize/" in queued["auth_request"].content
+    await desk.daemon.outbox.drain()
+    sent = by_kind(await outbox(desk))
+    assert sent["auth_request"].state == "sent"
+    assert sent["auth_request"].content == b""
+    assert sent["staff"].content == queued["staff"].content  # staff copies are kept
+    assert any(b"/authorize/" in m.content for m in desk.relay.messages)
+
+
+async def test_a_utf8_recipient_does_not_stop_the_outbox(tmp_path: Path) -> None:
+    staff = "obsługa@desk.test"
+    desk = await start_harness(tmp_path, outbound={"staff_address": staff})
+    try:
+        await desk.send()
+        await desk.drain()
+        rows = await outbox(desk)
+        assert [r.state for r in rows] == ["sent", "sent"]
+        assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, staff])
+    finally:
+        await stop_harness(desk)
