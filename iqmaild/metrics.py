@@ -28,6 +28,9 @@ class Metrics:
                 f"iqmaild_{name}{{{label_text}}} {value}" if labels else f"iqmaild_{name} {value}"
             )
         for name, value in sorted(self.gauges.items()):
-            lines.append(f"# TYPE iqmaild_{name} gauge")
+            base = name.split("{", 1)[0]
+            if base not in seen:
+                lines.append(f"# TYPE iqmaild_{base} gauge")
+                seen.add(base)
             lines.append(f"iqmaild_{name} {value:g}")
         return "\n".join(lines) + "\n"

@@ -20,4 +20,4 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj["config_path"] = config_path
 
 
-from iqmaild.cli import daemon, demo, directory, tickets  # noqa: E402,F401  (register commands)
+from iqmaild.cli import daemon, demo, directory, messages, tickets  # noqa: E402,F401

@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import func, select
 
 from iqmaild.process import confirm
 from iqmaild.process.confirm import LinkState
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
+from iqmaild.storage.models import Message, OutboxItem
 from iqmaild.web import panel
 
 PAGE_HEADERS = {
@@ -135,9 +137,27 @@ class WebApp:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        try:
+            await self._queue_gauges()
+        except Exception as exc:  # metrics must answer even when the database does not
+            self.desk.log.warning("metrics.gauges_failed", error=type(exc).__name__)
         return web.Response(
             text=self.desk.metrics.render(), content_type="text/plain", charset="utf-8"
         )
+
+    async def _queue_gauges(self) -> None:
+        """Backlogs an operator alerts on: dead letters, failed and queued mail."""
+        async with self.db.read() as session:
+            messages = await session.execute(
+                select(Message.state, func.count()).group_by(Message.state)
+            )
+            outbox = await session.execute(
+                select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+            )
+        for state, count in messages:
+            self.desk.metrics.set(f'messages{{state="{state}"}}', count)
+        for state, count in outbox:
+            self.desk.metrics.set(f'outbox{{state="{state}"}}', count)
 
     async def panel_ticket(self, request: web.Request) -> web.Response:
         expected = self.desk.config.http.panel_token
