@@ -98,12 +98,18 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
     data = config_dict(desk.config.database.url, desk.relay.port)
     conf.write_text(to_toml(data), encoding="utf-8")
     cli = [sys.executable, "-m", "iqmaild.cli", "--config", str(conf)]
-    listed = subprocess.run([*cli, "message", "list", "--state", "dead", "--json"],
-                            capture_output=True, text=True, timeout=60, check=True)
+    listed = subprocess.run(
+        [*cli, "message", "list", "--state", "dead", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     rows = json.loads(listed.stdout)
     assert [r["id"] for r in rows] == [dead.id] and "parser blew up" in rows[0]["last_error"]
-    subprocess.run([*cli, "message", "retry", str(dead.id)], capture_output=True, timeout=60,
-                   check=True)
+    subprocess.run(
+        [*cli, "message", "retry", str(dead.id)], capture_output=True, timeout=60, check=True
+    )
     monkeypatch.setattr(classify, "parse_message", real)
     await desk.drain()
     async with desk.db.read() as session:
@@ -120,10 +126,13 @@ async def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> Non
     relay = CaptureRelay()
     relay_port = await relay.start()
     smtp_port, http_port = _free_port(), _free_port()
-    data = config_dict(f"sqlite+aiosqlite:///{tmp_path / 'k.db'}", relay_port,
-                       smtp={"listen": f"127.0.0.1:{smtp_port}"},
-                       http={"listen": f"127.0.0.1:{http_port}"},
-                       logging={"level": "warning"})
+    data = config_dict(
+        f"sqlite+aiosqlite:///{tmp_path / 'k.db'}",
+        relay_port,
+        smtp={"listen": f"127.0.0.1:{smtp_port}"},
+        http={"listen": f"127.0.0.1:{http_port}"},
+        logging={"level": "warning"},
+    )
     conf = tmp_path / "k.toml"
     conf.write_text(to_toml(data), encoding="utf-8")
     db = Database(data["database"]["url"])
@@ -136,9 +145,12 @@ async def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> Non
 
     def serve() -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "iqmaild.cli", "--config", str(conf),
-                                     "serve"], stdout=out, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            return subprocess.Popen(
+                [sys.executable, "-m", "iqmaild.cli", "--config", str(conf), "serve"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
 
     def port_open() -> bool:
         try:
@@ -189,13 +201,16 @@ async def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> Non
         await _wait(all_classified, 60)
         async with db.read() as session:
             subjects = list(await session.scalars(select(Message.raw)))
-        stored = {int(m.group(1)) for raw in subjects
-                  if (m := re.search(rb"durable-(\d+)@", raw))}
+        stored = {int(m.group(1)) for raw in subjects if (m := re.search(rb"durable-(\d+)@", raw))}
         assert set(acknowledged) <= stored  # every 250 survived the kill
 
         async def staff_copies() -> bool:
-            got = {int(m.group(1)) for item in relay.messages if STAFF in item.rcpt_tos
-                   if (m := re.search(rb"durable-(\d+)@", item.content))}
+            got = {
+                int(m.group(1))
+                for item in relay.messages
+                if STAFF in item.rcpt_tos
+                if (m := re.search(rb"durable-(\d+)@", item.content))
+            }
             return set(acknowledged) <= got
 
         await _wait(staff_copies, 60)

@@ -10,7 +10,8 @@ from iqmaild.storage.models import AuthToken, Message
 from tests.harness import DESK, STAFF, Harness, link_in
 
 
-async def test_primary_address_story(desk: Harness) -> None:
+async def test_primary_address_story(any_desk: Harness) -> None:
+    desk = any_desk
     # 1. A new mail from the primary address: pending, link to the sender, staff copy.
     await desk.send(subject="Problem z pocztą")
     await desk.drain()
@@ -77,7 +78,8 @@ async def test_primary_address_story(desk: Harness) -> None:
     assert staff_copy[0].envelope_to == [STAFF]
 
 
-async def test_reply_without_subject_tag_is_filed_by_reference(desk: Harness) -> None:
+async def test_reply_without_subject_tag_is_filed_by_reference(any_desk: Harness) -> None:
+    desk = any_desk
     await desk.send(subject="Faktura")
     await desk.drain()
     auth = next(m for m in desk.new_mail() if m.envelope_to[0] == "owner@acme.test")

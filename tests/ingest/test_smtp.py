@@ -284,8 +284,9 @@ async def test_a_different_message_reusing_a_message_id_is_stored_too(desk: Harn
 
 
 async def test_many_concurrent_senders_all_get_250_after_few_commits(
-    desk: Harness, tmp_path: Path
+    any_desk: Harness, tmp_path: Path
 ) -> None:
+    desk = any_desk
     senders = 20
     barrier = threading.Barrier(senders, timeout=15)
     before = desk.daemon.committer.batches

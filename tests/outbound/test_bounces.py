@@ -53,15 +53,21 @@ async def test_a_bounce_is_filed_under_its_ticket_and_suppresses_automatic_mail(
     assert (await desk.last_message()).decision == "pending"
     assert [m.envelope_to for m in desk.new_mail()] == [[STAFF]]
     async with desk.db.read() as session:
-        events = list(await session.scalars(
-            select(AuditEvent).where(AuditEvent.event == "autoreply.suppressed")
-        ))
+        events = list(
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.event == "autoreply.suppressed")
+            )
+        )
     assert events and events[-1].data["why"] == "bounced"
 
 
 async def test_a_temporary_failure_report_suppresses_nothing(desk: Harness) -> None:
-    code, _ = await desk.send_raw(_dsn("<x@elsewhere.test>", "owner@acme.test", "4.2.2")
-                                  .replace(b"Action: failed", b"Action: delayed"), mail_from="")
+    code, _ = await desk.send_raw(
+        _dsn("<x@elsewhere.test>", "owner@acme.test", "4.2.2").replace(
+            b"Action: failed", b"Action: delayed"
+        ),
+        mail_from="",
+    )
     assert code == 250
     await desk.drain()
     assert (await desk.last_message()).decision == "ignored"
