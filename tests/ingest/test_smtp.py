@@ -307,7 +307,8 @@ async def test_many_concurrent_senders_all_get_250_after_few_commits(
             *(loop.run_in_executor(pool, one, i) for i in range(senders))
         )
     assert [code for code, _ in results] == [250] * senders
-    stored = {raw for _, raw, _ in rows_on_disk(tmp_path)}
+    async with desk.db.read() as session:
+        stored = set(await session.scalars(select(Message.raw)))
     assert stored == {raw for _, raw in results}
     batches = desk.daemon.committer.batches - before
     assert 1 <= batches <= senders // 2
