@@ -10,7 +10,7 @@ from typing import Any
 from iqmaild import logs
 from iqmaild.config import Config, split_host_port
 from iqmaild.ingest.smtp import DeskHandler, start_listener
-from iqmaild.ingest.store import GroupCommitter
+from iqmaild.ingest.store import GroupCommitter, Incoming
 from iqmaild.outbound.deliver import OutboxWorker
 from iqmaild.process.classify import Classifier
 from iqmaild.process.desk import Desk
@@ -38,7 +38,7 @@ class Daemon:
         self.outbox = OutboxWorker(self.db, config, self.log, self.desk.metrics)
         self.classifier = Classifier(self.db, self.desk)
         self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
-        self.web = WebApp(self.db, self.desk, self._process_now)
+        self.web = WebApp(self.db, self.desk, self._intake_now)
         self.tasks: list[asyncio.Task[Any]] = []
         self.smtp_server: asyncio.AbstractServer | None = None
         self.http_runner: Any = None
@@ -48,10 +48,12 @@ class Daemon:
     def _committed(self) -> None:
         self.classifier.notify()
 
-    async def _process_now(self, message_id: int) -> Any:
-        outcome = await self.classifier.process(message_id)
+    async def _intake_now(self, item: Incoming) -> int:
+        """Store and classify at once: the panel answers with the ticket number."""
+        stored = await self.committer.store(item)
+        await self.classifier.process(stored.id)
         self.outbox.notify()
-        return outcome
+        return stored.id
 
     async def start(self, *, background: bool = True) -> None:
         await schema.ensure_current(self.db)
@@ -93,6 +95,8 @@ class Daemon:
                 await asyncio.wait_for(self.smtp_server.wait_closed(), timeout=5)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        with contextlib.suppress(TimeoutError):  # let the row on the wire be marked sent
+            await asyncio.wait_for(self.outbox.delivering.acquire(), timeout=10)
         for task in reversed(self.tasks):
             task.cancel()
         for task in self.tasks:

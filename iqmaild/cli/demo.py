@@ -12,13 +12,16 @@ import json
 import secrets
 import signal
 import smtplib
+import tomllib
 from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 import click
 
 from iqmaild import logs
 from iqmaild.cli import main
+from iqmaild.cli.common import Fail
 from iqmaild.config import load_config
 
 DEMO_DIRECTORY = {
@@ -39,10 +42,16 @@ DEMO_DIRECTORY = {
 
 
 def _write_config(base: Path, smtp_port: int, http_port: int, relay_port: int) -> Path:
+    """Write the demo config; a rerun keeps its key (ticket codes stay valid)."""
     path = base / "iqmaild.toml"
+    key, token = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
     if path.exists():
-        return path
-    key = secrets.token_urlsafe(48)
+        try:
+            old = tomllib.loads(path.read_text(encoding="utf-8"))
+            key = old["security"]["secret_key"]
+            token = old["http"]["panel_token"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     path.write_text(
         f"""# Demo configuration written by `iqmaild demo`; see config.example.toml.
 [database]
@@ -56,7 +65,7 @@ desk_addresses = ["bok@demo.test"]
 [http]
 listen = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
-panel_token = "{secrets.token_urlsafe(24)}"
+panel_token = "{token}"
 
 [outbound]
 relay = "127.0.0.1:{relay_port}"
@@ -81,6 +90,8 @@ def _sample(smtp_port: int) -> None:
     msg["From"] = "Jan Kowalski <klient@example.com>"
     msg["To"] = "bok@demo.test"
     msg["Subject"] = "Nie działa poczta na koncie"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain="example.com")
     msg.set_content("Dzień dobry,\nod rana nie mogę wysłać poczty.\nPozdrawiam, Jan\n")
     with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
         client.send_message(msg)
@@ -140,8 +151,7 @@ def demo(
         )
         done = asyncio.Event()
 
-        def captured(item, number: int) -> None:  # type: ignore[no-untyped-def]
-            path = mail_dir / f"{number:04d}.eml"
+        def captured(item, path: Path) -> None:  # type: ignore[no-untyped-def]
             say(f"captured mail to {', '.join(item.rcpt_tos)} -> {path}")
             text = item.content.decode("utf-8", "replace")
             if "/authorize/" in text:
@@ -177,4 +187,12 @@ def demo(
             await daemon.stop()
             await relay.stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise Fail(
+            f"cannot start the demo: {exc} (a port in use? see --smtp-port, "
+            "--http-port, --relay-port)"
+        ) from None
+    except TimeoutError:
+        raise Fail("the sample's authorization mail did not arrive within 60 s") from None

@@ -57,14 +57,20 @@ class CaptureRelay:
         raw = envelope.original_content or b""
         item = Captured(envelope.mail_from or "", list(envelope.rcpt_tos), bytes(raw))
         self.messages.append(item)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"{len(self.messages):04d}.eml"
-            path.write_bytes(item.content)
+        path = self._save(item) if self.directory is not None else None
         if self.on_message is not None:
-            self.on_message(item, len(self.messages))
+            self.on_message(item, path)
         self.arrived.set()
         return "250 2.0.0 Captured"
+
+    def _save(self, item: Captured) -> Path:
+        """Numbered .eml files, continuing after those already in the directory."""
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.stem) for p in self.directory.glob("*.eml") if p.stem.isdigit()]
+        path = self.directory / f"{max(numbers, default=0) + 1:04d}.eml"
+        path.write_bytes(item.content)
+        return path
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         loop = asyncio.get_running_loop()

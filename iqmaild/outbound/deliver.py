@@ -41,6 +41,9 @@ class OutboxWorker:
         self.metrics = metrics
         self.wakeup = asyncio.Event()
         self._smtp: aiosmtplib.SMTP | None = None
+        # Held while one row is on the wire: a graceful stop waits for it, so a row
+        # the relay accepted is marked sent and not sent again after a restart.
+        self.delivering = asyncio.Lock()
         self._idle_since = 0.0
 
     def notify(self) -> None:
@@ -74,7 +77,8 @@ class OutboxWorker:
             if not items:
                 return total
             for item in items:
-                await self._deliver(item)
+                async with self.delivering:
+                    await self._deliver(item)
                 total += 1
 
     async def _seconds_to_next_due(self) -> float:

@@ -108,6 +108,32 @@ async def automatic_blocked(
     return None
 
 
+async def _may_send(
+    session: AsyncSession,
+    desk: Desk,
+    kind: str,
+    recipient: str,
+    ticket: Ticket,
+    message: Message | None,
+) -> bool:
+    """Check the limits for one automatic mail; a refusal is audited and logged."""
+    blocked = await automatic_blocked(session, desk, recipient, ticket)
+    if blocked is None:
+        return True
+    audit(
+        session,
+        "autoreply.suppressed",
+        ticket=ticket,
+        message=message,
+        kind=kind,
+        recipient=recipient,
+        why=blocked,
+    )
+    desk.log.info("autoreply.suppressed", ticket=ticket.number, kind=kind, why=blocked)
+    desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
+    return False
+
+
 async def customer_mail(
     session: AsyncSession,
     desk: Desk,
@@ -123,21 +149,12 @@ async def customer_mail(
     **ctx: Any,
 ) -> bool:
     """Queue one templated mail to a customer; False when limits stopped it."""
-    if automatic and check_limits:
-        blocked = await automatic_blocked(session, desk, recipient, ticket)
-        if blocked is not None:
-            audit(
-                session,
-                "autoreply.suppressed",
-                ticket=ticket,
-                message=message,
-                kind=kind,
-                recipient=recipient,
-                why=blocked,
-            )
-            desk.log.info("autoreply.suppressed", ticket=ticket.number, kind=kind, why=blocked)
-            desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
-            return False
+    if (
+        automatic
+        and check_limits
+        and not await _may_send(session, desk, kind, recipient, ticket, message)
+    ):
+        return False
     ref = TicketRef(
         ticket.number, tag_for(desk.tags, desk.key, ticket, include_code), ticket.subject
     )
@@ -174,21 +191,7 @@ async def issue_link(
     message: Message | None,
 ) -> bool:
     """Create a single-use token (only its hash is kept) and mail the link."""
-    blocked = await automatic_blocked(session, desk, recipient, ticket)
-    if blocked is not None:
-        audit(
-            session,
-            "autoreply.suppressed",
-            ticket=ticket,
-            message=message,
-            kind="auth_request",
-            recipient=recipient,
-            why=blocked,
-        )
-        desk.log.info(
-            "autoreply.suppressed", ticket=ticket.number, kind="auth_request", why=blocked
-        )
-        desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
+    if not await _may_send(session, desk, "auth_request", recipient, ticket, message):
         return False
     token = secrets.token_urlsafe(32)
     hours = desk.config.tickets.link_ttl_hours

@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import func, select
 
+from iqmaild.ingest.store import Incoming
 from iqmaild.process import confirm
-from iqmaild.process.confirm import LinkState
+from iqmaild.process.confirm import LinkInfo, LinkState
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
 from iqmaild.storage.models import Message, OutboxItem
@@ -57,11 +58,11 @@ class SlidingLimiter:
 
 
 class WebApp:
-    def __init__(self, db: Database, desk: Desk, on_panel_ticket: Callable[[int], Awaitable[Any]]):
+    def __init__(self, db: Database, desk: Desk, intake: Callable[[Incoming], Awaitable[int]]):
         self.db = db
         self.desk = desk
         self.limiter = SlidingLimiter(desk.config.http.authorize_attempts_per_minute)
-        self.on_panel_ticket = on_panel_ticket
+        self.intake = intake
         self.app = web.Application(client_max_size=2 * 1024 * 1024)
         self.app.add_routes(
             [
@@ -94,22 +95,8 @@ class WebApp:
         if limited is not None:
             return limited
         token = request.match_info["token"]
-        try:
-            info = await confirm.inspect(self.db, token)
-        except Exception as exc:
-            self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
-            return self._page(
-                self.desk.config.notices.default_lang, "error", 503, kind="unavailable"
-            )
-        if info.state is not LinkState.VALID:
-            return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
-        return self._page(
-            info.lang,
-            "authorize",
-            ticket_number=info.ticket_number,
-            subject=info.subject,
-            sender=info.sender,
-            action_url=f"/authorize/{token}",
+        return await self._link(
+            token, confirm.inspect(self.db, token), "authorize", action_url=f"/authorize/{token}"
         )
 
     async def authorize_confirm(self, request: web.Request) -> web.Response:
@@ -117,8 +104,14 @@ class WebApp:
         if limited is not None:
             return limited
         token = request.match_info["token"]
+        return await self._link(token, confirm.confirm(self.db, self.desk, token), "confirmed")
+
+    async def _link(
+        self, token: str, lookup: Awaitable[LinkInfo], page: str, **ctx: Any
+    ) -> web.Response:
+        """The page for a link: ``page`` when valid, else a clear 404/410/503 page."""
         try:
-            info = await confirm.confirm(self.db, self.desk, token)
+            info = await lookup
         except Exception as exc:
             self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
             return self._page(
@@ -126,8 +119,9 @@ class WebApp:
             )
         if info.state is not LinkState.VALID:
             return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
+        extra = {"sender": info.sender} if page == "authorize" else {}
         return self._page(
-            info.lang, "confirmed", ticket_number=info.ticket_number, subject=info.subject
+            info.lang, page, ticket_number=info.ticket_number, subject=info.subject, **extra, **ctx
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -171,7 +165,7 @@ class WebApp:
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
-        return await panel.create_ticket(request, self.db, self.desk, self.on_panel_ticket)
+        return await panel.create_ticket(request, self.db, self.desk, self.intake)
 
 
 async def start_http(webapp: WebApp, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +32,7 @@ async def create_ticket(
     request: web.Request,
     db: Database,
     desk: Desk,
-    process: Callable[[int], Awaitable[Any]],
+    intake: Callable[[Incoming], Awaitable[int]],
 ) -> web.Response:
     try:
         data = PanelTicket.model_validate(await request.json())
@@ -69,26 +68,10 @@ async def create_ticket(
         extra={"panel_service": data.service_id or ""},
     )
     try:
-        async with db.transaction() as session:
-            row = Message(
-                channel="panel",
-                mail_from=contact,
-                rcpt_to=[],
-                peer=item.peer,
-                raw=item.raw,
-                raw_sha256=item.sha256,
-                message_id=item.message_id,
-                account_id=account.id,
-                headers=item.extra,
-                state="received",
-            )
-            session.add(row)
-            await session.flush()
-            message_id = row.id
+        message_id = await intake(item)
     except Exception as exc:
         desk.log.error("panel.store_failed", error=type(exc).__name__)
         return web.json_response({"error": "temporarily unavailable"}, status=503)
-    await process(message_id)
     async with db.read() as session:
         stored = await session.get(Message, message_id)
         ticket = (
