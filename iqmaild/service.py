@@ -38,7 +38,7 @@ class Daemon:
         self.outbox = OutboxWorker(self.db, config, self.log, self.desk.metrics)
         self.classifier = Classifier(self.db, self.desk)
         self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
-        self.web = WebApp(self.db, self.desk, self._intake_now)
+        self.web = WebApp(self.db, self.desk, self._intake_now, self.problems)
         self.tasks: list[asyncio.Task[Any]] = []
         self.smtp_server: asyncio.AbstractServer | None = None
         self.http_runner: Any = None
@@ -62,10 +62,10 @@ class Daemon:
         self.smtp_server, self.smtp_port = await start_listener(self.config, handler)
         host, port = split_host_port(self.config.http.listen)
         self.http_runner, self.http_port = await start_http(self.web, host, port)
-        self.tasks.append(asyncio.create_task(self.committer.run(), name="group-commit"))
+        self._spawn(self.committer.run(), "group-commit")
         if background:
-            self.tasks.append(asyncio.create_task(self._classify_loop(), name="classify"))
-            self.tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+            self._spawn(self._classify_loop(), "classify")
+            self._spawn(self.outbox.run(), "outbox")
         self.log.info(
             "daemon.started",
             smtp_port=self.smtp_port,
@@ -74,11 +74,37 @@ class Daemon:
             requeued_outbox=requeued,
         )
 
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._task_ended)
+        self.tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        self.log.critical(
+            "task.died", task=task.get_name(), error=f"{type(error).__name__}: {error}"[:300]
+        )
+
+    def problems(self) -> list[str]:
+        """What /healthz reports besides the database: tasks that are not running."""
+        return [f"task {t.get_name()} stopped" for t in self.tasks if t.done()]
+
     async def _classify_loop(self) -> None:
+        """Classify what is due; a database outage backs off and never ends the loop."""
+        backoff = 0.5
         while True:
-            handled = await self.classifier.drain()
-            if handled:
-                self.outbox.notify()
+            try:
+                handled = await self.classifier.drain()
+                backoff = 0.5
+                if handled:
+                    self.outbox.notify()
+            except Exception as exc:
+                self.log.error("classify.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.classifier.wakeup.wait(), timeout=5.0)
             self.classifier.wakeup.clear()

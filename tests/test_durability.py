@@ -30,9 +30,9 @@ from iqmaild.storage.models import Message
 from tests.harness import DESK, DIRECTORY, STAFF, Harness, config_dict, to_toml
 
 
-def _mail(n: int, sender: str = "owner@acme.test") -> bytes:
+def _mail(n: int, sender: str = "owner@acme.test", subject: str = "") -> bytes:
     msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = sender, DESK, f"Zgłoszenie {n}"
+    msg["From"], msg["To"], msg["Subject"] = sender, DESK, subject or f"Zgłoszenie {n}"
     msg["Message-ID"] = f"<durable-{n}@client.test>"
     msg.set_content(f"Treść {n}\n")
     return msg.as_bytes()
@@ -70,15 +70,15 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
 ) -> None:
     import iqmaild.process.classify as classify
 
-    real = classify.parse_message
+    real = classify.classify
 
-    def parse(raw: bytes, **kwargs: Any) -> Any:
-        if b"POISON" in raw:
-            raise RuntimeError("parser blew up")  # stands in for a bug we do not know yet
-        return real(raw, **kwargs)
+    def rules(facts: Any, *args: Any) -> Any:
+        if "POISON" in facts.subject:
+            raise RuntimeError("rules blew up")  # stands in for a bug we do not know yet
+        return real(facts, *args)
 
-    monkeypatch.setattr(classify, "parse_message", parse)
-    poison = _mail(1).replace(b"Tre", b"POISON Tre")
+    monkeypatch.setattr(classify, "classify", rules)
+    poison = _mail(1, subject="POISON")
     assert (await desk.send_raw(poison))[0] == 250
     assert (await desk.send_raw(_mail(2)))[0] == 250
     for _ in range(10):  # max_attempts = 3 in the harness, retry_seconds tiny
@@ -88,7 +88,7 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
         states = dict((await session.execute(select(Message.id, Message.state))).all())
         dead = await session.scalar(select(Message).where(Message.state == "dead"))
     assert sorted(states.values()) == ["dead", "processed"]
-    assert dead is not None and dead.attempts == 3 and "parser blew up" in (dead.last_error or "")
+    assert dead is not None and dead.attempts == 3 and "rules blew up" in (dead.last_error or "")
     async with desk.http.get(desk.base_url + "/metrics") as resp:
         text = await resp.text()
     assert 'iqmaild_messages{state="dead"} 1' in text
@@ -106,11 +106,11 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
         check=True,
     )
     rows = json.loads(listed.stdout)
-    assert [r["id"] for r in rows] == [dead.id] and "parser blew up" in rows[0]["last_error"]
+    assert [r["id"] for r in rows] == [dead.id] and "rules blew up" in rows[0]["last_error"]
     subprocess.run(
         [*cli, "message", "retry", str(dead.id)], capture_output=True, timeout=60, check=True
     )
-    monkeypatch.setattr(classify, "parse_message", real)
+    monkeypatch.setattr(classify, "classify", real)
     await desk.drain()
     async with desk.db.read() as session:
         assert (await session.get(Message, dead.id)).state == "processed"  # type: ignore[union-attr]

@@ -11,10 +11,13 @@ import unicodedata
 _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
+MAX_ADDRESS = 254  # RFC 5321's path limit; also what the database columns hold
+
+
 def normalize(address: str) -> str | None:
     """The canonical form of ``local@domain``, or None when it is not an address."""
     text = address.strip().strip("<>").strip()
-    if not text or any(ch in _CONTROL or ch.isspace() for ch in text):
+    if not text or len(text) > MAX_ADDRESS or any(ch in _CONTROL or ch.isspace() for ch in text):
         return None
     local, sep, domain = text.rpartition("@")
     if not sep or not local or not domain:

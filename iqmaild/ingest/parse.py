@@ -303,3 +303,24 @@ def body_preview(raw: bytes, limit: int = 4000) -> str:
         return str(part.get_content())[:limit]
     except Exception:
         return "(body could not be decoded)"
+
+
+def unparsable(raw: bytes, *, channel: Channel, error: BaseException) -> ParsedMail:
+    """Facts for a message the parser gave up on: no trustworthy sender at all.
+
+    It is still stored, classified (``malformed_sender``) and shown to staff.
+    """
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    match = re.search(rb"^subject:[ \t]*([^\r\n]*)", head, re.IGNORECASE | re.MULTILINE)
+    subject = clean_text(match.group(1).decode("utf-8", "replace"), 500) if match else ""
+    facts = MessageFacts(
+        channel=channel, from_addresses=(), from_defect=True, recipients=(), subject=subject
+    )
+    return ParsedMail(
+        facts=facts,
+        message_id="",
+        references=(),
+        thread_index=None,
+        subject=subject,
+        defects=(f"ParseFailure:{type(error).__name__}",),
+    )

@@ -57,10 +57,17 @@ class OutboxWorker:
             return int(getattr(result, "rowcount", 0) or 0)
 
     async def run(self) -> None:
+        """Deliver until cancelled; a database outage backs off and never ends the loop."""
+        backoff = 0.5
         try:
             while True:
-                await self.drain()
-                timeout = await self._seconds_to_next_due()
+                try:
+                    await self.drain()
+                    timeout = await self._seconds_to_next_due()
+                    backoff = 0.5
+                except Exception as exc:
+                    self.log.error("outbox.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
+                    timeout, backoff = backoff, min(backoff * 2, 30.0)
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=timeout)
                 except TimeoutError:

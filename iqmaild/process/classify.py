@@ -15,7 +15,7 @@ from sqlalchemy import or_, select
 
 from iqmaild.core.policy import ActionKind, TicketAction, Verdict, classify
 from iqmaild.core.vocabulary import Channel, Decision, Reason, TicketState
-from iqmaild.ingest.parse import ParsedMail, parse_message
+from iqmaild.ingest.parse import ParsedMail, parse_message, unparsable
 from iqmaild.outbound.compose import ThreadInfo
 from iqmaild.process import act, tickets
 from iqmaild.process.desk import Desk
@@ -100,8 +100,7 @@ class Classifier:
                 return None
             raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
             panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
-        parsed = parse_message(
-            raw,
+        options = dict(
             mail_from=mail_from,
             tags=self.desk.tags,
             key=self.desk.key,
@@ -109,6 +108,14 @@ class Classifier:
             trusted_authserv_ids=self.desk.trusted_authserv_ids,
             channel=channel,
         )
+        try:
+            # In a thread: a pathological message must not stall SMTP and HTTP.
+            parsed = await asyncio.to_thread(parse_message, raw, **options)
+        except Exception as exc:  # e.g. RecursionError on absurd MIME nesting
+            self.desk.log.warning(
+                "message.unparsable", message=message_id, error=type(exc).__name__
+            )
+            parsed = unparsable(raw, channel=channel, error=exc)
         if channel is Channel.PANEL:
             facts = replace(
                 parsed.facts, panel_account_id=panel_account, panel_service_id=panel_service or None
@@ -281,8 +288,8 @@ class Classifier:
                     message.next_attempt_at = utcnow() + timedelta(seconds=delay)
                 attempts, state = message.attempts, message.state
         except Exception as db_exc:
-            self.desk.log.error("message.failed", message=message_id, error=repr(db_exc))
-            return
+            self.desk.log.error("message.failed", message=message_id, error=repr(db_exc)[:300])
+            raise  # the database is down: the caller backs off instead of spinning
         event = "message.dead_letter" if state == "dead" else "message.failed"
         self.desk.log.error(
             event, message=message_id, attempts=attempts, error=f"{type(exc).__name__}: {exc}"[:500]

@@ -3,7 +3,8 @@
 SQLite runs in WAL with ``synchronous=FULL`` (NORMAL can lose a committed row on
 power loss, and we answer 250 after the commit). Write transactions start with
 ``BEGIN IMMEDIATE`` so that a writer never has to upgrade a read lock, and are
-serialized inside the process by an asyncio lock; PostgreSQL needs neither.
+serialized inside the process by an asyncio lock; reads run on their own
+engine with a deferred BEGIN. PostgreSQL needs none of this.
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from sqlalchemy.ext.asyncio import (
 )
 
 
-class StorageError(Exception):
-    """The database is unreachable or refused a write (answers become 451)."""
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
     cursor = dbapi_connection.cursor()
@@ -39,22 +36,41 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
+def _sqlite_begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_deferred(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 class Database:
     def __init__(self, url: str, pool_size: int = 5, echo: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
+        # Parameters hold customer data (and raw tokens in outbox rows): keep them
+        # out of exception texts that reach logs and last_error columns.
+        kwargs: dict[str, Any] = {
+            "echo": echo,
+            "hide_parameters": True,
+            "pool_pre_ping": not self.is_sqlite,
+        }
         if not self.is_sqlite:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        self.read_engine = self.engine
         if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
+            # Writers take the lock up front; readers use a deferred BEGIN so that,
+            # under WAL, they never wait for (or block) the group committer.
+            self.read_engine = create_async_engine(url, **kwargs)
+            for engine, begin in (
+                (self.engine, _sqlite_begin_immediate),
+                (self.read_engine, _sqlite_begin_deferred),
+            ):
+                event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+                event.listen(engine.sync_engine, "begin", begin)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @asynccontextmanager
@@ -69,12 +85,13 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session:
+        """A read-only session; on SQLite it never takes the write lock."""
+        async with self.read_sessions() as session:
             yield session
 
     async def ping(self) -> bool:
         try:
-            async with self.sessions() as session:
+            async with self.read_sessions() as session:
                 await session.execute(text("SELECT 1"))
             return True
         except Exception:
@@ -82,3 +99,5 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()

@@ -58,7 +58,14 @@ class SlidingLimiter:
 
 
 class WebApp:
-    def __init__(self, db: Database, desk: Desk, intake: Callable[[Incoming], Awaitable[int]]):
+    def __init__(
+        self,
+        db: Database,
+        desk: Desk,
+        intake: Callable[[Incoming], Awaitable[int]],
+        problems: Callable[[], list[str]] = list,
+    ):
+        self.problems = problems
         self.db = db
         self.desk = desk
         self.limiter = SlidingLimiter(desk.config.http.authorize_attempts_per_minute)
@@ -125,9 +132,11 @@ class WebApp:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        ok = await self.db.ping()
+        problems = [] if await self.db.ping() else ["database unavailable"]
+        problems += self.problems()
+        ok = not problems
         return web.json_response(
-            {"status": "ok" if ok else "database unavailable"}, status=200 if ok else 503
+            {"status": "ok" if ok else "; ".join(problems)}, status=200 if ok else 503
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -1,0 +1,35 @@
+"""Messages built to break the daemon still reach staff with a decision."""
+
+from __future__ import annotations
+
+from tests.harness import DESK, STAFF, Harness
+
+
+async def test_absurd_mime_nesting_is_classified_not_dead(desk: Harness) -> None:
+    depth = 3000  # deep enough for a RecursionError in the stdlib parser
+    head = (
+        f"From: owner@acme.test\r\nTo: {DESK}\r\nSubject: nest\r\nMIME-Version: 1.0\r\n"
+    ).encode()
+    parts = b"".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+        for i in range(depth)
+    )
+    raw = head + parts + b"Content-Type: text/plain\r\n\r\nx\r\n"
+    assert (await desk.send_raw(raw))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.state, row.decision) == ("processed", "unauthorized")
+    assert "malformed_sender" in row.reasons  # no sender can be trusted from it
+    assert any(m.rcpt_tos == [STAFF] for m in desk.relay.messages)  # staff still see it
+
+
+async def test_an_overlong_from_address_is_malformed_not_dead(any_desk: Harness) -> None:
+    desk = any_desk
+    local = "a" * 400
+    raw = (f"From: {local}@acme.test\r\nTo: {DESK}\r\nSubject: long\r\n\r\nbody\r\n").encode()
+    assert (await desk.send_raw(raw, mail_from="x@elsewhere.test"))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.state, row.decision) == ("processed", "unauthorized")
+    assert "malformed_sender" in row.reasons
+    assert any(m.envelope_to == [STAFF] for m in desk.new_mail())
