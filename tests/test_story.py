@@ -95,3 +95,20 @@ async def test_reply_without_subject_tag_is_filed_by_reference(any_desk: Harness
     # The primary may authorize, so the notice carries the code.
     assert await desk.tag(1000) in str(notice["Subject"])
     assert DESK in str(notice["From"])
+
+
+async def test_a_follow_up_with_the_code_authorizes_like_the_link(desk: Harness) -> None:
+    await desk.send(subject="Awaria")
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == ["owner@acme.test"])
+    first = await desk.last_message()
+    await desk.send(subject=f"Re: {await desk.tag(1000)} Awaria")
+    await desk.drain()
+    assert (await desk.ticket(1000)).authorization == "authorized"
+    staff = {(m["X-IQ-Message"], m["X-IQ-Authorization"]) for m in desk.new_mail()}
+    assert (str(first.id), "authorized") in staff  # the first message reaches staff again
+    # The link is spent: the code already did its job.
+    from tests.harness import link_in
+
+    async with desk.http.get(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 410

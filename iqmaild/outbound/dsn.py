@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import email
+import re
 from email import policy
 
 from iqmaild.core.addresses import normalize
+
+_MSGID = re.compile(r"^message-id:\s*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
+
+
+def returned_message_id(raw: bytes) -> str | None:
+    """The Message-ID of the returned message, from the report's headers part."""
+    try:
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if ctype == "text/rfc822-headers":
+                text = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+            elif ctype == "message/rfc822":
+                inner = part.get_payload()
+                text = "".join(f"{k}: {v}\n" for k, v in inner[0].items()) if inner else ""
+            else:
+                continue
+            match = _MSGID.search(text)
+            if match:
+                return match.group(1)
+    except Exception:
+        return None
+    return None
 
 
 def permanent_failures(raw: bytes) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iqmaild.core.ratelimit import Window, allows, longest
@@ -250,3 +250,36 @@ def staff_delivery(
         message=message,
         automatic=False,
     )
+
+
+async def authorize_ticket(session: AsyncSession, desk: Desk, ticket: Ticket) -> int:
+    """The ticket becomes authorized, by a link click or by a follow-up with the code.
+
+    Its pending messages reach staff again, now as authorized, and its other
+    links are spent. Returns how many messages were pending.
+    """
+    current = now()
+    ticket.authorization = "authorized"
+    ticket.updated_at = current
+    pending = list(
+        await session.scalars(
+            select(Message).where(Message.ticket_id == ticket.id, Message.decision == "pending")
+        )
+    )
+    for message in pending:
+        message.decision = "authorized"
+        staff_delivery(
+            session,
+            desk,
+            message=message,
+            ticket=ticket,
+            decision="authorized",
+            reasons=[],
+            sender_role=message.sender_role,
+        )
+    await session.execute(
+        update(AuthToken)
+        .where(AuthToken.ticket_id == ticket.id, AuthToken.used_at.is_(None))
+        .values(used_at=current)
+    )
+    return len(pending)

@@ -21,7 +21,7 @@ from iqmaild.process import act, tickets
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import Account, Message, Suppression, Ticket, utcnow
+from iqmaild.storage.models import Account, Message, OutboxItem, Suppression, Ticket, utcnow
 
 TICKET_AUTHORIZATION = {
     Decision.AUTHORIZED: "authorized",
@@ -173,8 +173,15 @@ class Classifier:
             if verdict.reopen and tickets.set_state(ticket, TicketState.OPEN):
                 act.audit(session, "ticket.reopened", ticket=ticket, message=message)
             if verdict.authorizes_ticket:
-                ticket.authorization = "authorized"
-                await _authorize_pending(session, ticket)
+                pending = await act.authorize_ticket(session, desk, ticket)
+                act.audit(
+                    session,
+                    "ticket.authorized",
+                    ticket=ticket,
+                    message=message,
+                    via="code",
+                    messages=pending,
+                )
             if (
                 ticket.account_id is None
                 and verdict.account_id
@@ -204,7 +211,11 @@ class Classifier:
             reasons=message.reasons,
             rules=message.rules_hit,
         )
-        if Reason.BOUNCE in verdict.reasons and parsed.facts.delivery_report:
+        if (
+            Reason.BOUNCE in verdict.reasons
+            and parsed.facts.delivery_report
+            and parsed.facts.null_return_path
+        ):
             await self._suppress_bounced(session, message)
 
         thread = ThreadInfo(parsed.message_id, parsed.references, parsed.thread_index)
@@ -259,11 +270,26 @@ class Classifier:
         return ticket
 
     async def _suppress_bounced(self, session, message: Message) -> None:
-        """A permanent failure stops automatic mail to the address for a while."""
-        from iqmaild.outbound.dsn import permanent_failures
+        """A permanent failure of mail we sent stops automatic mail to that address.
 
+        Only a report that returns one of our own messages counts, and only for
+        the recipient that message went to: a forged report cannot silence an
+        arbitrary customer.
+        """
+        from iqmaild.outbound.dsn import permanent_failures, returned_message_id
+
+        returned = returned_message_id(message.raw)
+        if returned is None:
+            return
+        sent = await session.scalar(
+            select(OutboxItem).where(OutboxItem.header_message_id == returned).limit(1)
+        )
+        if sent is None:
+            return
         hours = self.desk.config.outbound.bounce_suppress_hours
         for address, status in permanent_failures(message.raw):
+            if address != sent.recipient:
+                continue
             until = utcnow() + timedelta(hours=hours)
             row = await session.get(Suppression, address)
             if row is None:
@@ -295,11 +321,3 @@ class Classifier:
             event, message=message_id, attempts=attempts, error=f"{type(exc).__name__}: {exc}"[:500]
         )
         self.desk.metrics.inc("messages_failed_total", state=state)
-
-
-async def _authorize_pending(session, ticket: Ticket) -> None:
-    rows = await session.scalars(
-        select(Message).where(Message.ticket_id == ticket.id, Message.decision == "pending")
-    )
-    for row in rows:
-        row.decision = "authorized"

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from iqmaild.process import act
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
-from iqmaild.storage.models import AuthToken, Message, Ticket, utcnow
+from iqmaild.storage.models import AuthToken, Ticket, utcnow
 
 
 class LinkState(StrEnum):
@@ -87,24 +87,7 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
         if ticket is None:
             return LinkInfo(LinkState.NOT_FOUND)
         was = ticket.authorization
-        ticket.authorization = "authorized"
-        ticket.updated_at = current
-        pending = list(
-            await session.scalars(
-                select(Message).where(Message.ticket_id == ticket.id, Message.decision == "pending")
-            )
-        )
-        for message in pending:
-            message.decision = "authorized"
-            act.staff_delivery(
-                session,
-                desk,
-                message=message,
-                ticket=ticket,
-                decision="authorized",
-                reasons=[],
-                sender_role=message.sender_role,
-            )
+        pending = await act.authorize_ticket(session, desk, ticket)
         act.audit(
             session,
             "authlink.confirmed",
@@ -112,7 +95,7 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
             actor="link",
             email=claimed.email,
             was=was,
-            messages=len(pending),
+            messages=pending,
         )
         await act.customer_mail(
             session,
@@ -125,6 +108,6 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
             via="link",
         )
         number = ticket.number
-    desk.log.info("authlink.confirmed", ticket=number, messages=len(pending))
+    desk.log.info("authlink.confirmed", ticket=number, messages=pending)
     desk.metrics.inc("authlinks_confirmed_total")
     return LinkInfo(LinkState.VALID, number, info.subject, info.sender, info.lang)

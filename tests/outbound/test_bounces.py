@@ -73,3 +73,17 @@ async def test_a_temporary_failure_report_suppresses_nothing(desk: Harness) -> N
     assert (await desk.last_message()).decision == "ignored"
     async with desk.db.read() as session:
         assert await session.get(Suppression, "owner@acme.test") is None
+
+
+async def test_a_forged_report_cannot_silence_a_customer(desk: Harness) -> None:
+    # Not a bounce of ours: an attacker mails a report naming the customer.
+    forged = _dsn("<iq.1.0123456789abcdef.0000000000000000@desk.test>", "owner@acme.test")
+    assert (await desk.send_raw(forged, mail_from="attacker@evil.test"))[0] == 250
+    # Even with a null sender, a report that returns none of our messages counts for nothing.
+    assert (await desk.send_raw(forged.replace(b"dsn-1@", b"dsn-2@"), mail_from=""))[0] == 250
+    await desk.drain()
+    async with desk.db.read() as session:
+        assert await session.get(Suppression, "owner@acme.test") is None
+    await desk.send(subject="Nadal działa link?")
+    await desk.drain()
+    assert ["owner@acme.test"] in [m.envelope_to for m in desk.new_mail()]
