@@ -43,9 +43,30 @@ def split_host_port(value: str) -> tuple[str, int]:
 HostPort = Annotated[str, Field(min_length=3)]
 
 
+SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
 class DatabaseConfig(_Section):
     url: str
     pool_size: int = Field(default=5, ge=1, le=100)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL") from None
+        if url.drivername not in SUPPORTED_DRIVERS:
+            raise ValueError(f"use {' or '.join(SUPPORTED_DRIVERS)}, not {url.drivername}")
+        if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+            parent = Path(url.database).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ValueError(f"directory {parent} does not exist")
+        return value
 
 
 class SmtpConfig(_Section):
@@ -133,6 +154,14 @@ class TicketsConfig(_Section):
 
 class SecurityConfig(_Section):
     secret_key: str = Field(min_length=32)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _not_the_example(cls, value: str) -> str:
+        if "CHANGE-ME" in value:
+            raise ValueError("still the example's placeholder: set a long random key")
+        return value
+
     admin_header_patterns: tuple[str, ...] = ("X-Mailer: IQ\\.Admin",)
     admin_senders: tuple[str, ...] = ()
     dmarc_enforce: bool = False

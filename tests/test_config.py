@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,35 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> set[str]:
     return out
 
 
+def _base(tmp: Path | None = None) -> dict[str, Any]:
+    """The example with its two site-specific values filled in."""
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    data["database"]["url"] = f"sqlite+aiosqlite:///{tmp or Path('/tmp')}/iqmaild.db"
+    data["security"]["secret_key"] = "x" * 40
+    return data
+
+
 def test_example_documents_every_key_and_is_valid() -> None:
     data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     assert _flatten(data) == _keys(Config)
-    config = parse_config(data)
+    config = parse_config(_base())
     assert config.tickets.tag_prefix == "IQ.pl"
 
 
-def _base() -> dict[str, Any]:
-    return tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+def test_the_example_key_and_unusable_databases_are_refused(tmp_path: Path) -> None:
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    data["database"]["url"] = f"sqlite+aiosqlite:///{tmp_path}/d.db"
+    with pytest.raises(ConfigError, match=r"security\.secret_key: still the example"):
+        parse_config(data)
+    for url, expected in (
+        ("not a url", "not a database URL"),
+        ("postgresql://u@h/db", "use sqlite+aiosqlite or postgresql+asyncpg"),
+        (f"sqlite+aiosqlite:///{tmp_path}/missing/d.db", "does not exist"),
+    ):
+        data = _base(tmp_path)
+        data["database"]["url"] = url
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            parse_config(data)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +103,7 @@ def test_file_problems_are_one_line(tmp_path: Path) -> None:
 
 def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "c.toml"
-    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    text = EXAMPLE.read_text(encoding="utf-8").replace("CHANGE-ME", "changed-it")
+    path.write_text(text.replace("/var/lib/iqmaild", str(tmp_path)), encoding="utf-8")
     monkeypatch.setenv("IQMAILD_CONFIG", str(path))
     assert load_config().smtp.listen == "127.0.0.1:2526"

@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from iqmaild import logs
 from iqmaild.cli import main
@@ -72,3 +73,5 @@ def serve(ctx: click.Context) -> None:
         raise Fail(str(exc)) from None
     except OSError as exc:
         raise Fail(f"cannot start: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise Fail(f"database.url: {str(exc).splitlines()[0]}") from None

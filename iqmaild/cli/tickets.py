@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from iqmaild.cli import main
 from iqmaild.cli.common import Fail, emit, run_job
 from iqmaild.core.vocabulary import TicketState
-from iqmaild.ingest.parse import body_preview
+from iqmaild.ingest.parse import body_preview, message_ids
 from iqmaild.outbound.compose import ThreadInfo
 from iqmaild.process import act, tickets
 from iqmaild.storage.directory import view_for
@@ -191,7 +190,7 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
                 .order_by(Message.id.desc())
                 .limit(1)
             )
-            ids = re.findall(r"<([^<>\s]+)>", last.message_id) if last else []
+            ids = message_ids(last.message_id) if last else []
             thread = ThreadInfo(ids[0] if ids else "", (), None)
             await act.customer_mail(
                 session,
@@ -258,7 +257,10 @@ def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
 
     async def work(config, db):  # type: ignore[no-untyped-def]
         async with db.transaction() as session:
-            query = update(OutboxItem).where(OutboxItem.state == "failed")
+            # Links are blanked once they fail for good: those rows cannot be resent.
+            query = update(OutboxItem).where(
+                OutboxItem.state == "failed", func.length(OutboxItem.content) > 0
+            )
             if ids:
                 query = query.where(OutboxItem.id.in_(ids))
             result = await session.execute(

@@ -179,7 +179,8 @@ def _recipients(msg: EmailMessage, limit: int = 5000) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _message_ids(value: str) -> list[str]:
+def message_ids(value: str) -> list[str]:
+    """Message ids in a header value, ASCII only, without angle brackets."""
     return _MSGID.findall(value or "")
 
 
@@ -246,8 +247,8 @@ def parse_message(
     subject = _display(msg, "subject", charsets)
     in_reply_to = _first(msg, "in-reply-to")
     references_text = " ".join(_safe_str(v) for v in _safe_all(msg, "references"))
-    references = tuple(_message_ids(references_text))[-50:]
-    ids = _message_ids(_first(msg, "message-id"))
+    references = tuple(message_ids(references_text))[-50:]
+    ids = message_ids(_first(msg, "message-id"))
     report = _report_type(msg)
     tag = tags.find(subject)
     thread_ticket = threadref.find_ticket_reference(key, msgid_domain, in_reply_to, references_text)
@@ -285,7 +286,7 @@ def parse_message(
     return ParsedMail(
         facts=facts,
         message_id=ids[0] if ids else "",
-        references=tuple(dict.fromkeys([*references, *_message_ids(in_reply_to)])),
+        references=tuple(dict.fromkeys([*references, *message_ids(in_reply_to)])),
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
         headers={h: _display(msg, h, charsets) for h in STORED_HEADERS if _safe_all(msg, h)},

@@ -103,7 +103,10 @@ class WebApp:
             return limited
         token = request.match_info["token"]
         return await self._link(
-            token, confirm.inspect(self.db, token), "authorize", action_url=f"/authorize/{token}"
+            token,
+            confirm.inspect(self.db, token),
+            "authorize",
+            action_url=token,  # relative: right also behind a path prefix
         )
 
     async def authorize_confirm(self, request: web.Request) -> web.Response:
