@@ -6,8 +6,10 @@ go to the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -27,9 +29,27 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
-    # Libraries' own logging (aiosmtpd, aiohttp access logs) stays quiet but visible.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Libraries' own warnings (aiosmtpd, aiohttp, asyncio) become JSON lines too,
+    # so `journalctl -o cat | jq` never meets a plain-text line.
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "event": "library.log",
+            "logger": record.name,
+            "message": record.getMessage()[:2000],
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            data["exception"] = record.exc_info[0].__name__
+        return json.dumps(data, ensure_ascii=False)
 
 
 def get(name: str) -> Any:
