@@ -36,7 +36,7 @@ class Daemon:
         self.db = Database(config.database.url, config.database.pool_size)
         self.desk = build_desk(config, self.log)
         self.outbox = OutboxWorker(self.db, config, self.log, self.desk.metrics)
-        self.classifier = Classifier(self.db, self.desk)
+        self.classifier = Classifier(self.db, self.desk, on_processed=self.outbox.notify)
         self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
         self.web = WebApp(self.db, self.desk, self._intake_now, self.problems)
         self.tasks: list[asyncio.Task[Any]] = []

@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from iqmaild.storage.db import Database
-from iqmaild.storage.models import Message
+from iqmaild.storage.models import Message, utcnow
 
 _HEADER_MSGID = re.compile(
     rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
@@ -90,40 +90,50 @@ class GroupCommitter:
             self.on_commit()
 
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
-        async with self.db.transaction() as session:
-            hashes = {item.sha256 for item in items}
+        keys = [(item.sha256, item.message_id) for item in items]  # hash once per item
+        async with self.db.transaction(urgent=True) as session:
             existing: dict[tuple[str, str], int] = {}
             rows = await session.execute(
                 select(Message.raw_sha256, Message.message_id, Message.id).where(
-                    Message.raw_sha256.in_(hashes)
+                    Message.raw_sha256.in_({sha for sha, _ in keys})
                 )
             )
             for sha, stored_id, row_id in rows:
                 existing.setdefault((sha, stored_id), row_id)
-            out: list[Stored | Message] = []
-            pending: dict[tuple[str, str], Message] = {}
-            for item in items:
-                key = (item.sha256, item.message_id)
-                if key in existing:
-                    out.append(Stored(existing[key], True))
-                    continue
-                if key in pending:
-                    out.append(pending[key])
-                    continue
-                row = Message(
-                    channel=item.channel,
-                    mail_from=item.mail_from,
-                    rcpt_to=item.rcpt_to,
-                    peer=item.peer,
-                    raw=item.raw,
-                    raw_sha256=item.sha256,
-                    message_id=item.message_id,
-                    account_id=item.account_id,
-                    headers=dict(item.extra),
-                    state="received",
+            new: dict[tuple[str, str], dict[str, object]] = {}
+            now = utcnow()
+            for item, key in zip(items, keys, strict=True):
+                if key not in existing and key not in new:
+                    new[key] = {
+                        "channel": item.channel,
+                        "mail_from": item.mail_from,
+                        "rcpt_to": item.rcpt_to,
+                        "peer": item.peer,
+                        "raw": item.raw,
+                        "raw_sha256": key[0],
+                        "message_id": key[1],
+                        "account_id": item.account_id,
+                        "headers": dict(item.extra),
+                        "state": "received",
+                        "received_at": now,
+                        "attempts": 0,
+                        "subject": "",
+                        "defects": [],
+                        "reasons": [],
+                        "rules_hit": [],
+                    }
+            if new:
+                # One multi-row INSERT ... RETURNING: the ORM's per-object work
+                # was most of the intake cost.
+                result = await session.execute(
+                    insert(Message).returning(Message.id, sort_by_parameter_order=True),
+                    list(new.values()),
                 )
-                session.add(row)
-                pending[key] = row
-                out.append(row)
-            await session.flush()
-        return [r if isinstance(r, Stored) else Stored(r.id, False) for r in out]
+                for key, row_id in zip(new, result.scalars(), strict=True):
+                    existing[key] = row_id
+        fresh = set(new)  # the first of identical deliveries in a batch is the new one
+        out: list[Stored] = []
+        for key in keys:
+            out.append(Stored(existing[key], duplicate=key not in fresh))
+            fresh.discard(key)
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 
@@ -39,10 +40,11 @@ class Outcome:
 
 
 class Classifier:
-    def __init__(self, db: Database, desk: Desk) -> None:
+    def __init__(self, db: Database, desk: Desk, on_processed: Any = None) -> None:
         self.db = db
         self.desk = desk
         self.wakeup = asyncio.Event()
+        self.on_processed = on_processed  # wakes the outbox after every commit
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -91,6 +93,8 @@ class Classifier:
                 account=v.account_id,
             )
             self.desk.metrics.inc("messages_classified_total", decision=v.decision.value)
+            if self.on_processed is not None:
+                self.on_processed()
         return outcome
 
     async def _process(self, message_id: int) -> Outcome | None:

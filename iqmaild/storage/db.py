@@ -72,16 +72,43 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Intake (the 250s the MTA waits for) goes before background writers.
+        self._urgent_waiting = 0
+        self._no_urgent = asyncio.Event()
+        self._no_urgent.set()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction, committed when the block ends without error."""
+    async def transaction(self, urgent: bool = False) -> AsyncIterator[AsyncSession]:
+        """A write transaction, committed when the block ends without error.
+
+        On SQLite writes are serialized; an ``urgent`` writer (intake) is served
+        before the others waiting, so classification never slows the 250s.
+        """
         if self._write_lock is None:
             async with self.sessions() as session, session.begin():
                 yield session
             return
-        async with self._write_lock, self.sessions() as session, session.begin():
-            yield session
+        if urgent:
+            self._urgent_waiting += 1
+            self._no_urgent.clear()
+            try:
+                await self._write_lock.acquire()
+            finally:
+                self._urgent_waiting -= 1
+                if not self._urgent_waiting:
+                    self._no_urgent.set()
+        else:
+            while True:
+                await self._no_urgent.wait()
+                await self._write_lock.acquire()
+                if not self._urgent_waiting:
+                    break
+                self._write_lock.release()  # an intake batch came in meanwhile: let it go first
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        finally:
+            self._write_lock.release()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
