@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import select, update
 
 from iqmaild.process import act
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
+from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import AuthToken, Ticket, utcnow
 
 
@@ -61,6 +63,14 @@ async def inspect(db: Database, token: str) -> LinkInfo:
         return LinkInfo(LinkState.VALID, **info)
 
 
+async def _still_eligible(session: Any, email: str, ticket: Ticket) -> bool:
+    """The address may still act on the ticket's account and service."""
+    if ticket.account_id is None:
+        return False
+    directory = await view_for(session, [email])
+    return directory.may_act(email, ticket.account_id, ticket.service_id)
+
+
 async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
     """Authorize the ticket behind the token, once."""
     info = await inspect(db, token)
@@ -86,28 +96,49 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
         ticket = await session.get(Ticket, claimed.ticket_id, with_for_update=True)
         if ticket is None:
             return LinkInfo(LinkState.NOT_FOUND)
-        was = ticket.authorization
-        pending = await act.authorize_ticket(session, desk, ticket)
-        act.audit(
-            session,
-            "authlink.confirmed",
-            ticket=ticket,
-            actor="link",
-            email=claimed.email,
-            was=was,
-            messages=pending,
-        )
-        await act.customer_mail(
-            session,
-            desk,
-            kind="acknowledgement",
-            ticket=ticket,
-            recipient=claimed.email,
-            include_code=True,
-            thread=None,
-            via="link",
-        )
-        number = ticket.number
-    desk.log.info("authlink.confirmed", ticket=number, messages=pending)
+        if not await _still_eligible(session, claimed.email, ticket):
+            # The share was revoked or the primary address changed since the link
+            # went out: the token is spent and nothing is authorized.
+            act.audit(
+                session,
+                "authlink.refused",
+                ticket=ticket,
+                actor="link",
+                email=claimed.email,
+                why="not_eligible",
+            )
+            number = None
+        else:
+            number = await _authorize(session, desk, ticket, claimed.email)
+    if number is None:
+        desk.log.info("authlink.refused", ticket=info.ticket_number, why="not_eligible")
+        return LinkInfo(LinkState.EXPIRED, info.ticket_number, info.subject, info.sender, info.lang)
+    desk.log.info("authlink.confirmed", ticket=number)
     desk.metrics.inc("authlinks_confirmed_total")
     return LinkInfo(LinkState.VALID, number, info.subject, info.sender, info.lang)
+
+
+async def _authorize(session: Any, desk: Desk, ticket: Ticket, email: str) -> int:
+    """Inside the claiming transaction: authorize, audit, acknowledge."""
+    was = ticket.authorization
+    pending = await act.authorize_ticket(session, desk, ticket)
+    act.audit(
+        session,
+        "authlink.confirmed",
+        ticket=ticket,
+        actor="link",
+        email=email,
+        was=was,
+        messages=pending,
+    )
+    await act.customer_mail(
+        session,
+        desk,
+        kind="acknowledgement",
+        ticket=ticket,
+        recipient=email,
+        include_code=True,
+        thread=None,
+        via="link",
+    )
+    return ticket.number

@@ -211,3 +211,19 @@ async def test_metrics_are_prometheus_text(desk: Harness) -> None:
     assert "\niqmaild_smtp_accepted_total 2\n" in text
     for line in text.splitlines():
         assert line.startswith("# ") or line.startswith("iqmaild_"), line
+
+
+async def test_a_link_whose_share_was_revoked_authorizes_nothing(desk: Harness) -> None:
+    from iqmaild.storage.directory import revoke_share
+    from tests.harness import link_in
+
+    await desk.send(sender="mail-admin@partner.test", subject="Skrzynka pełna")
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == ["mail-admin@partner.test"])
+    async with desk.db.transaction() as session:
+        await revoke_share(session, "acme-mail", "mail-admin@partner.test")
+    async with desk.http.post(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 410
+    assert (await desk.ticket(1000)).authorization == "pending"
+    async with desk.http.post(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 410  # spent, not retried later after a re-grant
