@@ -21,6 +21,7 @@ from iqmaild.core.addresses import domain_of, normalize
 from iqmaild.core.facts import MessageFacts
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.vocabulary import Channel
+from iqmaild.ingest.authres import dmarc_failed
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 # Raw 8-bit bytes the email package could not decode (surrogate escapes): a str
@@ -184,25 +185,6 @@ def message_ids(value: str) -> list[str]:
     return _MSGID.findall(value or "")
 
 
-def _auth_results_dmarc_fail(msg: EmailMessage, trusted: frozenset[str], from_domain: str) -> bool:
-    """DMARC failure reported by the first Authentication-Results of a trusted host."""
-    if not trusted or not from_domain:
-        return False
-    for value in _safe_all(msg, "authentication-results"):
-        text = clean_text(_safe_str(value), 4000)
-        authserv = text.split(";", 1)[0].strip().split()[0].lower() if text else ""
-        if authserv not in trusted:
-            continue
-        match = re.search(r"\bdmarc\s*=\s*(\w+)(?P<rest>[^;]*)", text, re.IGNORECASE)
-        if match is None:
-            return False
-        header_from = re.search(r"header\.from\s*=\s*([^\s;]+)", match.group("rest"), re.I)
-        if header_from and header_from.group(1).lower().rstrip(".") != from_domain:
-            return False
-        return match.group(1).lower() == "fail"
-    return False
-
-
 def _report_type(msg: EmailMessage) -> str | None:
     try:
         if msg.get_content_type() != "multipart/report":
@@ -279,7 +261,7 @@ def parse_message(
         list_id=bool(_safe_all(msg, "list-id")),
         autoreply_headers=autoreply,
         delivery_report=report in ("delivery-status", "disposition-notification"),
-        dmarc_fail=_auth_results_dmarc_fail(msg, trusted_authserv_ids, domain_of(sender)),
+        dmarc_fail=dmarc_failed(msg, trusted_authserv_ids, domain_of(sender)),
         headers=tuple(header_pairs),
     )
     thread_index = _first(msg, "thread-index")

@@ -9,11 +9,14 @@ are retried with exponential backoff; 5xx is recorded as failed. Rows left in
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 from datetime import timedelta
 from typing import Any
 
 import aiosmtplib
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from iqmaild.config import Config, split_host_port
 from iqmaild.metrics import Metrics
@@ -21,6 +24,9 @@ from iqmaild.storage.db import Database
 from iqmaild.storage.models import OutboxItem, utcnow
 
 CLAIM_BATCH = 50
+# How long a claim holds: far longer than sending a batch (CLAIM_BATCH mails with
+# connect_timeout each would be the worst case).
+LEASE_SECONDS = 900
 # After sending, the link inside an auth request exists nowhere but the customer's mailbox.
 REDACT_AFTER_SEND = frozenset({"auth_request"})
 
@@ -44,15 +50,29 @@ class OutboxWorker:
         # Held while one row is on the wire: a graceful stop waits for it, so a row
         # the relay accepted is marked sent and not sent again after a restart.
         self.delivering = asyncio.Lock()
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._last_lease_check = float("-inf")
         self._idle_since = 0.0
 
     def notify(self) -> None:
         self.wakeup.set()
 
-    async def recover(self) -> int:
+    async def recover(self, *, all_claims: bool | None = None) -> int:
+        """Re-queue rows a dead instance left in ``sending``.
+
+        SQLite has one instance, so at start every claim is stale; with several
+        instances on PostgreSQL only claims whose lease ran out are taken back.
+        """
+        if all_claims is None:
+            all_claims = self.db.is_sqlite
+        query = update(OutboxItem).where(OutboxItem.state == "sending")
+        if not all_claims:
+            query = query.where(
+                or_(OutboxItem.claimed_until.is_(None), OutboxItem.claimed_until < utcnow())
+            )
         async with self.db.transaction() as session:
             result = await session.execute(
-                update(OutboxItem).where(OutboxItem.state == "sending").values(state="queued")
+                query.values(state="queued", claimed_by=None, claimed_until=None)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -78,6 +98,12 @@ class OutboxWorker:
 
     async def drain(self) -> int:
         """Send everything that is due now; returns how many rows were attempted."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_lease_check > LEASE_SECONDS / 2:
+            self._last_lease_check = now
+            requeued = await self.recover(all_claims=False)  # rows of instances that died
+            if requeued:
+                self.log.warning("outbox.requeued", rows=requeued)
         total = 0
         while True:
             items = await self._claim()
@@ -112,9 +138,11 @@ class OutboxWorker:
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             items = list(await session.scalars(query))
+            lease = utcnow() + timedelta(seconds=LEASE_SECONDS)
             for item in items:
                 item.state = "sending"
                 item.attempts += 1
+                item.claimed_by, item.claimed_until = self.instance, lease
         return items
 
     async def _deliver(self, item: OutboxItem) -> None:

@@ -19,10 +19,11 @@ from iqmaild.core.vocabulary import Channel, Decision, Reason, TicketState
 from iqmaild.ingest.parse import ParsedMail, parse_message, unparsable
 from iqmaild.outbound.compose import ThreadInfo
 from iqmaild.process import act, tickets
+from iqmaild.process.bounces import suppress_bounced
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import Account, Message, OutboxItem, Suppression, Ticket, utcnow
+from iqmaild.storage.models import Account, Message, Ticket, utcnow
 
 TICKET_AUTHORIZATION = {
     Decision.AUTHORIZED: "authorized",
@@ -220,7 +221,7 @@ class Classifier:
             and parsed.facts.delivery_report
             and parsed.facts.null_return_path
         ):
-            await self._suppress_bounced(session, message)
+            await suppress_bounced(session, self.desk, message)
 
         thread = ThreadInfo(parsed.message_id, parsed.references, parsed.thread_index)
         for action in verdict.actions:
@@ -272,35 +273,6 @@ class Classifier:
                     via="panel",
                 )
         return ticket
-
-    async def _suppress_bounced(self, session, message: Message) -> None:
-        """A permanent failure of mail we sent stops automatic mail to that address.
-
-        Only a report that returns one of our own messages counts, and only for
-        the recipient that message went to: a forged report cannot silence an
-        arbitrary customer.
-        """
-        from iqmaild.outbound.dsn import permanent_failures, returned_message_id
-
-        returned = returned_message_id(message.raw)
-        if returned is None:
-            return
-        sent = await session.scalar(
-            select(OutboxItem).where(OutboxItem.header_message_id == returned).limit(1)
-        )
-        if sent is None:
-            return
-        hours = self.desk.config.outbound.bounce_suppress_hours
-        for address, status in permanent_failures(message.raw):
-            if address != sent.recipient:
-                continue
-            until = utcnow() + timedelta(hours=hours)
-            row = await session.get(Suppression, address)
-            if row is None:
-                session.add(Suppression(email=address, reason=status, until=until))
-            else:
-                row.until, row.reason = until, status
-            act.audit(session, "suppression.added", message=message, email=address, status=status)
 
     async def _failed(self, message_id: int, exc: Exception) -> None:
         limit = self.desk.config.processing.max_attempts

@@ -213,8 +213,11 @@ class OutboxItem(Base):
     mail_from: Mapped[str] = mapped_column(String(320))
     recipient: Mapped[str] = mapped_column(String(320))
     content: Mapped[bytes] = mapped_column(LargeBinary)
-    header_message_id: Mapped[str] = mapped_column(String(998), default="")
-    # queued -> sending -> sent | failed; sending rows return to queued on start
+    header_message_id: Mapped[str] = mapped_column(String(998), default="", index=True)
+    # queued -> sending -> sent | failed. A claim is a lease: a row whose lease ran
+    # out (its instance died) goes back to queued; a live instance's rows do not.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 12:42:05.032960
+Create Date: 2026-11-25 13:39:56.132965
 """
 
 from alembic import op
@@ -173,6 +173,8 @@ def upgrade() -> None:
     sa.Column('recipient', sa.String(length=320), nullable=False),
     sa.Column('content', sa.LargeBinary(), nullable=False),
     sa.Column('header_message_id', sa.String(length=998), nullable=False),
+    sa.Column('claimed_by', sa.String(length=128), nullable=True),
+    sa.Column('claimed_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),
@@ -184,6 +186,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox'))
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_outbox_header_message_id'), ['header_message_id'], unique=False)
         batch_op.create_index('ix_outbox_recipient_created', ['recipient', 'created_at'], unique=False)
         batch_op.create_index('ix_outbox_state_next', ['state', 'next_attempt_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_ticket_id'), ['ticket_id'], unique=False)
@@ -197,6 +200,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_outbox_ticket_id'))
         batch_op.drop_index('ix_outbox_state_next')
         batch_op.drop_index('ix_outbox_recipient_created')
+        batch_op.drop_index(batch_op.f('ix_outbox_header_message_id'))
 
     op.drop_table('outbox')
     with op.batch_alter_table('auth_tokens', schema=None) as batch_op:

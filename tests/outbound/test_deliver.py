@@ -213,10 +213,17 @@ async def test_rows_left_sending_by_a_crash_are_requeued_and_sent_once(desk: Har
             update(OutboxItem).where(OutboxItem.id == first.id).values(state="sent", attempts=1)
         )
         await session.execute(
-            update(OutboxItem).where(OutboxItem.id == second.id).values(state="sending", attempts=1)
+            update(OutboxItem)
+            .where(OutboxItem.id == second.id)
+            .values(
+                state="sending",
+                attempts=1,
+                claimed_by="crashed:1:aa",
+                claimed_until=utcnow() + timedelta(minutes=10),
+            )
         )
 
-    await desk.drain()  # a "sending" row is nobody's to send until recovery
+    await desk.drain()  # a row under a live lease is nobody else's to send
     assert desk.relay.messages == []
 
     assert await desk.daemon.outbox.recover() == 1
@@ -341,3 +348,21 @@ async def test_a_utf8_recipient_does_not_stop_the_outbox(tmp_path: Path) -> None
         assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, staff])
     finally:
         await stop_harness(desk)
+
+
+async def test_only_expired_leases_are_taken_back_from_other_instances(desk: Harness) -> None:
+    """Several instances on PostgreSQL: a live claim is never re-sent by a peer."""
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    live, dead = await outbox(desk)
+    async with desk.db.transaction() as session:
+        for row, until in ((live, timedelta(minutes=10)), (dead, timedelta(minutes=-1))):
+            await session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == row.id)
+                .values(state="sending", claimed_by="peer:1:aa", claimed_until=utcnow() + until)
+            )
+    assert await desk.daemon.outbox.recover(all_claims=False) == 1
+    await desk.drain()
+    assert [m.rcpt_tos for m in desk.relay.messages] == [[dead.recipient]]
+    assert {r.id: r.state for r in await outbox(desk)} == {live.id: "sending", dead.id: "sent"}
