@@ -99,6 +99,7 @@ class HttpConfig(_Section):
     public_url: str
     panel_token: str = Field(default="", description="Bearer token of the Customer Panel")
     authorize_attempts_per_minute: int = Field(default=30, ge=1)
+    trusted_proxies: tuple[str, ...] = ()
 
     _listen = field_validator("listen")(lambda v: _host_port(v))
 

@@ -268,3 +268,32 @@ def test_both_languages_ship_the_same_templates() -> None:
 
 def names_of(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
+
+
+def test_unshared_sender_is_told_about_their_own_access() -> None:
+    """A shared contact writing about another service is not told about a CC."""
+    from iqmaild.rendering import Renderer
+
+    renderer = Renderer()
+    for lang, own, cc in (
+        ("pl", "ma dostęp do innej usługi", "W polach Do lub DW"),
+        ("en", "has access to another service", "The To or CC fields"),
+    ):
+        ticket = {"number": 7, "tag": "[IQ.pl#7]", "subject": "x"}
+        common = dict(
+            ticket=ticket,
+            recipient="dev@partner.test",
+            reasons=["unshared_cc"],
+            desk_address="bok@desk.test",
+            panel_url="https://p",
+            includes_code=False,
+        )
+        alone = renderer.render_mail(
+            lang, "unauthorized", unshared=["dev@partner.test"], **common
+        ).text
+        assert own in alone and cc not in alone
+        both = renderer.render_mail(
+            lang, "unauthorized", unshared=["dev@partner.test", "x@other.test"], **common
+        ).text
+        assert own in both and cc in both and "x@other.test" in both
+        assert "- dev@partner.test" not in both

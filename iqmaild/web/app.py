@@ -91,8 +91,17 @@ class WebApp:
             headers=PAGE_HEADERS,
         )
 
+    def _client(self, request: web.Request) -> str:
+        """The client address; behind a trusted proxy, the hop the proxy saw."""
+        remote = request.remote or "unknown"
+        if remote in self.desk.config.http.trusted_proxies:
+            hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+            if hops and hops[-1]:
+                return hops[-1][:64]
+        return remote
+
     def _limited(self, request: web.Request) -> web.Response | None:
-        if self.limiter.allow(request.remote or "unknown"):
+        if self.limiter.allow(self._client(request)):
             return None
         self.desk.metrics.inc("authorize_rate_limited_total")
         return self._page(self.desk.config.notices.default_lang, "error", 429, kind="rate_limited")

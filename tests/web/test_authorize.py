@@ -227,3 +227,21 @@ async def test_a_link_whose_share_was_revoked_authorizes_nothing(desk: Harness) 
     assert (await desk.ticket(1000)).authorization == "pending"
     async with desk.http.post(desk.base_url + link_in(auth)) as resp:
         assert resp.status == 410  # spent, not retried later after a re-grant
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(tmp_path: Path) -> None:
+    h = await start_harness(
+        tmp_path, http={"authorize_attempts_per_minute": 2, "trusted_proxies": ["127.0.0.1"]}
+    )
+    try:
+        guess = h.base_url + "/authorize/" + secrets.token_urlsafe(32)
+
+        async def status(client: str) -> int:
+            headers = {"X-Forwarded-For": f"198.51.100.7, {client}"}
+            async with h.http.get(guess, headers=headers) as resp:
+                return resp.status
+
+        assert [await status("203.0.113.1") for _ in range(3)] == [404, 404, 429]
+        assert await status("203.0.113.2") == 404  # another customer is not locked out
+    finally:
+        await stop_harness(h)
