@@ -64,11 +64,35 @@ class ParsedMail:
     defects: tuple[str, ...] = ()
 
 
+# Header parsing is superlinear in address count: a single 5 MB Cc would cost
+# minutes of CPU. Values are parsed up to this size (address lists cut at a comma).
+HEADER_PARSE_LIMIT = 64 * 1024
+ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
+_LINESEP = re.compile(r"\r\n|\r|\n")
+
+
+def _header(name: str, raw: str) -> Any:
+    """A structured header from a raw value, unfolded and size-capped."""
+    value = "".join(_LINESEP.split(raw))
+    if len(value) > HEADER_PARSE_LIMIT:
+        cut = value.rfind(",", 0, HEADER_PARSE_LIMIT) if name in ADDRESS_HEADERS else -1
+        value = value[: cut if cut > 0 else HEADER_PARSE_LIMIT]
+    return policy.default.header_factory(name, value)
+
+
 def _safe_all(msg: EmailMessage, name: str) -> list[Any]:
+    """Every header ``name``, parsed; one that cannot be parsed is left out."""
+    out: list[Any] = []
     try:
-        return list(msg.get_all(name) or [])
+        raw_items = [raw for key, raw in msg.raw_items() if key.lower() == name]
     except Exception:
-        return []
+        return out
+    for raw in raw_items:
+        try:
+            out.append(_header(name, raw))
+        except Exception:
+            continue
+    return out
 
 
 def _safe_str(value: Any) -> str:
@@ -245,7 +269,13 @@ def parse_message(
     autoreply = any(_safe_all(msg, h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder"))
     sender = from_addresses[0] if len(from_addresses) == 1 and not from_defect else ""
     header_pairs = []
-    for name, value in list(msg.items())[:200]:
+    for name, raw in itertools.islice(msg.raw_items(), 200):
+        if name.lower() in ADDRESS_HEADERS:
+            continue  # addresses are facts of their own; markers live in other headers
+        try:
+            value = _header(name.lower(), raw[:HEADER_PARSE_LIMIT])
+        except Exception:
+            continue
         header_pairs.append((name.lower(), clean_text(_safe_str(value))))
     facts = MessageFacts(
         channel=channel,

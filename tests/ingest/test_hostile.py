@@ -33,3 +33,19 @@ async def test_an_overlong_from_address_is_malformed_not_dead(any_desk: Harness)
     assert (row.state, row.decision) == ("processed", "unauthorized")
     assert "malformed_sender" in row.reasons
     assert any(m.envelope_to == [STAFF] for m in desk.new_mail())
+
+
+async def test_a_huge_cc_list_is_parsed_in_bounded_work(desk: Harness) -> None:
+    """20,000 Cc addresses (500 KB): address headers are parsed up to 64 KB, so one
+    message cannot hold the CPU for minutes; the outcome is still unshared_cc."""
+    from iqmaild.ingest.parse import HEADER_PARSE_LIMIT
+
+    cc = ", ".join(f"user{i}@example{i % 50}.test" for i in range(20000))
+    assert len(cc) > 5 * HEADER_PARSE_LIMIT
+    raw = (
+        f"From: owner@acme.test\r\nTo: {DESK}\r\nCc: {cc}\r\nSubject: many\r\n\r\nx\r\n"
+    ).encode()
+    assert (await desk.send_raw(raw))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.reasons) == ("unauthorized", ["unshared_cc"])
