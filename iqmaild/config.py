@@ -115,6 +115,7 @@ class RateLimitConfig(_Section):
     per_recipient_10min: int = Field(default=5, ge=0)
     per_recipient_day: int = Field(default=20, ge=0)
     per_ticket_day: int = Field(default=10, ge=0)
+    unknown_sender_domain_hour: int = Field(default=10, ge=0)
 
 
 class OutboundConfig(_Section):

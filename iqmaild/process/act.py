@@ -76,7 +76,11 @@ def enqueue(
 
 
 async def automatic_blocked(
-    session: AsyncSession, desk: Desk, recipient: str, ticket: Ticket | None
+    session: AsyncSession,
+    desk: Desk,
+    recipient: str,
+    ticket: Ticket | None,
+    unknown_sender: bool = False,
 ) -> str | None:
     """Why automatic mail to this recipient must not go now, or None."""
     current = now()
@@ -84,6 +88,19 @@ async def automatic_blocked(
     if suppressed is not None and suppressed.until > current:
         return "bounced"
     limits = desk.config.outbound.rate_limit
+    if unknown_sender:
+        # Forged spam makes notices to strangers backscatter; victim+1@, victim+2@...
+        # each have their own per-recipient window, so cap the whole domain too.
+        domain = recipient.rpartition("@")[2]
+        count = await session.scalar(
+            select(func.count(OutboxItem.id)).where(
+                OutboxItem.created_at > current - timedelta(hours=1),
+                OutboxItem.kind == "unauthorized",
+                OutboxItem.recipient.like(f"%@{domain}"),
+            )
+        )
+        if (count or 0) >= limits.unknown_sender_domain_hour:
+            return "unknown_sender_domain_rate_limit"
     windows = (Window(600, limits.per_recipient_10min), Window(86400, limits.per_recipient_day))
     since = current - longest(windows)
     sent = await session.scalars(
@@ -115,9 +132,10 @@ async def _may_send(
     recipient: str,
     ticket: Ticket,
     message: Message | None,
+    unknown_sender: bool = False,
 ) -> bool:
     """Check the limits for one automatic mail; a refusal is audited and logged."""
-    blocked = await automatic_blocked(session, desk, recipient, ticket)
+    blocked = await automatic_blocked(session, desk, recipient, ticket, unknown_sender)
     if blocked is None:
         return True
     audit(
@@ -146,13 +164,14 @@ async def customer_mail(
     message: Message | None = None,
     automatic: bool = True,
     check_limits: bool = True,
+    unknown_sender: bool = False,
     **ctx: Any,
 ) -> bool:
     """Queue one templated mail to a customer; False when limits stopped it."""
     if (
         automatic
         and check_limits
-        and not await _may_send(session, desk, kind, recipient, ticket, message)
+        and not await _may_send(session, desk, kind, recipient, ticket, message, unknown_sender)
     ):
         return False
     ref = TicketRef(

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from iqmaild.core.policy import ActionKind, TicketAction, Verdict, classify
-from iqmaild.core.vocabulary import Channel, Decision, Reason, TicketState
+from iqmaild.core.vocabulary import Channel, Decision, Reason, Role, TicketState
 from iqmaild.ingest.parse import ParsedMail, parse_message, unparsable
 from iqmaild.outbound.compose import ThreadInfo
 from iqmaild.process import act, tickets
@@ -259,6 +259,7 @@ class Classifier:
                     reasons=message.reasons,
                     unshared=list(verdict.unshared[:50]),
                     includes_code=action.include_code,
+                    unknown_sender=verdict.sender_role is Role.UNKNOWN,
                 )
             elif action.kind is ActionKind.ACKNOWLEDGEMENT:
                 await act.customer_mail(

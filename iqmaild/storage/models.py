@@ -201,6 +201,7 @@ class OutboxItem(Base):
     __table_args__ = (
         Index("ix_outbox_state_next", "state", "next_attempt_at"),
         Index("ix_outbox_recipient_created", "recipient", "created_at"),
+        Index("ix_outbox_kind_created", "kind", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

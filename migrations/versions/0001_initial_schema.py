@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 13:39:56.132965
+Create Date: 2026-11-25 13:48:03.318380
 """
 
 from alembic import op
@@ -187,6 +187,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_outbox_header_message_id'), ['header_message_id'], unique=False)
+        batch_op.create_index('ix_outbox_kind_created', ['kind', 'created_at'], unique=False)
         batch_op.create_index('ix_outbox_recipient_created', ['recipient', 'created_at'], unique=False)
         batch_op.create_index('ix_outbox_state_next', ['state', 'next_attempt_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_ticket_id'), ['ticket_id'], unique=False)
@@ -200,6 +201,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_outbox_ticket_id'))
         batch_op.drop_index('ix_outbox_state_next')
         batch_op.drop_index('ix_outbox_recipient_created')
+        batch_op.drop_index('ix_outbox_kind_created')
         batch_op.drop_index(batch_op.f('ix_outbox_header_message_id'))
 
     op.drop_table('outbox')

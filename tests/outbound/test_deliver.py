@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from iqmaild import logs
 from iqmaild.outbound.capture import CaptureRelay
 from iqmaild.service import Daemon
-from iqmaild.storage.models import OutboxItem, utcnow
+from iqmaild.storage.models import Message, OutboxItem, utcnow
 from tests.harness import STAFF, Harness, start_harness, stop_harness
 
 OWNER = "owner@acme.test"
@@ -366,3 +366,33 @@ async def test_only_expired_leases_are_taken_back_from_other_instances(desk: Har
     await desk.drain()
     assert [m.rcpt_tos for m in desk.relay.messages] == [[dead.recipient]]
     assert {r.id: r.state for r in await outbox(desk)} == {live.id: "sending", dead.id: "sent"}
+
+
+async def test_notices_to_unknown_senders_are_capped_per_domain(tmp_path: Path) -> None:
+    """Forged spam: victim+1@, victim+2@... must not turn the desk into a backscatter source."""
+    h = await start_harness(
+        tmp_path,
+        outbound={
+            "rate_limit": {
+                "per_recipient_10min": 5,
+                "per_recipient_day": 20,
+                "per_ticket_day": 10,
+                "unknown_sender_domain_hour": 2,
+            }
+        },
+    )
+    try:
+        for n in range(1, 5):
+            await h.send(sender=f"victim+{n}@spam.test", subject=f"Spam {n}")
+        await h.drain()
+        notices = [m for m in h.new_mail() if m.envelope_to != [STAFF]]
+        assert [m.envelope_to for m in notices] == [["victim+1@spam.test"], ["victim+2@spam.test"]]
+        async with h.db.read() as session:
+            decisions = list(await session.scalars(select(Message.decision)))
+        assert decisions == ["unauthorized"] * 4  # every message still stored and staff-delivered
+        # A customer's own primary address is not an unknown sender: not capped by this.
+        await h.send(sender=OWNER)
+        await h.drain()
+        assert [OWNER] in [m.envelope_to for m in h.new_mail()]
+    finally:
+        await stop_harness(h)
