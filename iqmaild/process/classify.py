@@ -8,9 +8,9 @@ message that fails again and again is parked as a dead letter.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import or_, select
 
@@ -41,7 +41,9 @@ class Outcome:
 
 
 class Classifier:
-    def __init__(self, db: Database, desk: Desk, on_processed: Any = None) -> None:
+    def __init__(
+        self, db: Database, desk: Desk, on_processed: Callable[[], None] | None = None
+    ) -> None:
         self.db = db
         self.desk = desk
         self.wakeup = asyncio.Event()
