@@ -96,7 +96,7 @@ async def automatic_blocked(
             select(func.count(OutboxItem.id)).where(
                 OutboxItem.created_at > current - timedelta(hours=1),
                 OutboxItem.kind == "unauthorized",
-                OutboxItem.recipient.like(f"%@{domain}"),
+                OutboxItem.recipient.endswith(f"@{domain}", autoescape=True),
             )
         )
         if (count or 0) >= limits.unknown_sender_domain_hour:
