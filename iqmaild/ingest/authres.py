@@ -9,29 +9,16 @@ from __future__ import annotations
 
 import re
 from email.message import EmailMessage
-from typing import Any
 
-
-def _all(msg: EmailMessage, name: str) -> list[Any]:
-    try:
-        return list(msg.get_all(name) or [])
-    except Exception:
-        return []
-
-
-def _text(value: Any) -> str:
-    try:
-        return " ".join(str(value).split())[:4000]
-    except Exception:
-        return ""
+from iqmaild.ingest.headers import all_headers, as_text
 
 
 def dmarc_failed(msg: EmailMessage, trusted: frozenset[str], from_domain: str) -> bool:
     """DMARC failure reported by the first Authentication-Results of a trusted host."""
     if not trusted or not from_domain:
         return False
-    for value in _all(msg, "authentication-results"):
-        text = _text(value)
+    for value in all_headers(msg, "authentication-results"):
+        text = as_text(value)
         authserv = text.split(";", 1)[0].strip().split()[0].lower() if text else ""
         if authserv not in trusted:
             continue

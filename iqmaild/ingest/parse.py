@@ -22,6 +22,14 @@ from iqmaild.core.facts import MessageFacts
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.vocabulary import Channel
 from iqmaild.ingest.authres import dmarc_failed
+from iqmaild.ingest.headers import (
+    HEADER_PARSE_LIMIT,
+    all_headers,
+    as_text,
+    parse_header,
+    raw_values,
+    too_long,
+)
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 # Raw 8-bit bytes the email package could not decode (surrogate escapes): a str
@@ -64,37 +72,6 @@ class ParsedMail:
     defects: tuple[str, ...] = ()
 
 
-# Header parsing is superlinear in address count: a single 5 MB Cc would cost
-# minutes of CPU. Values are parsed up to this size (address lists cut at a comma).
-HEADER_PARSE_LIMIT = 64 * 1024
-ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
-_LINESEP = re.compile(r"\r\n|\r|\n")
-
-
-def _header(name: str, raw: str) -> Any:
-    """A structured header from a raw value, unfolded and size-capped."""
-    value = "".join(_LINESEP.split(raw))
-    if len(value) > HEADER_PARSE_LIMIT:
-        cut = value.rfind(",", 0, HEADER_PARSE_LIMIT) if name in ADDRESS_HEADERS else -1
-        value = value[: cut if cut > 0 else HEADER_PARSE_LIMIT]
-    return policy.default.header_factory(name, value)
-
-
-def _safe_all(msg: EmailMessage, name: str) -> list[Any]:
-    """Every header ``name``, parsed; one that cannot be parsed is left out."""
-    out: list[Any] = []
-    try:
-        raw_items = [raw for key, raw in msg.raw_items() if key.lower() == name]
-    except Exception:
-        return out
-    for raw in raw_items:
-        try:
-            out.append(_header(name, raw))
-        except Exception:
-            continue
-    return out
-
-
 def _safe_str(value: Any) -> str:
     try:
         return str(value)
@@ -103,7 +80,7 @@ def _safe_str(value: Any) -> str:
 
 
 def _first(msg: EmailMessage, name: str) -> str:
-    values = _safe_all(msg, name)
+    values = all_headers(msg, name)
     return clean_text(_safe_str(values[0])) if values else ""
 
 
@@ -139,7 +116,7 @@ def _display(msg: EmailMessage, name: str, charsets: list[str]) -> str:
     if "\ufffd" not in value:
         return value
     try:
-        raw = next(v for k, v in msg.raw_items() if k.lower() == name)
+        raw = raw_values(msg, name)[0][:HEADER_PARSE_LIMIT]
         data = raw.encode("ascii", "surrogateescape")
         data.decode("utf-8")
         return value  # valid UTF-8: the replacement characters were sent as such
@@ -150,7 +127,7 @@ def _display(msg: EmailMessage, name: str, charsets: list[str]) -> str:
     for charset in charsets:
         try:
             text = data.decode(charset)
-            return clean_text(_safe_str(policy.default.header_fetch_parse(name, text)))
+            return clean_text(_safe_str(parse_header(name, text)))
         except Exception:
             continue
     return value
@@ -186,7 +163,10 @@ def _mailboxes(header: Any) -> tuple[list[str], bool]:
 
 
 def _from_addresses(msg: EmailMessage) -> tuple[tuple[str, ...], bool]:
-    headers = _safe_all(msg, "from")
+    raws = raw_values(msg, "from")
+    if any(too_long(raw) for raw in raws):
+        return (), True  # never decide identity on a From cut short
+    headers = all_headers(msg, "from")
     if len(headers) != 1:
         return (), True
     found, defective = _mailboxes(headers[0])
@@ -196,7 +176,7 @@ def _from_addresses(msg: EmailMessage) -> tuple[tuple[str, ...], bool]:
 def _recipients(msg: EmailMessage, limit: int = 5000) -> tuple[str, ...]:
     out: list[str] = []
     for name in ("to", "cc"):
-        for header in _safe_all(msg, name):
+        for header in all_headers(msg, name):
             found, _ = _mailboxes(header)
             out.extend(found)
             if len(out) >= limit:
@@ -229,7 +209,11 @@ def _embedded_headers(msg: EmailMessage) -> str:
             if ctype == "message/rfc822":
                 inner = part.get_payload()
                 if isinstance(inner, list) and inner:
-                    return "".join(f"{k}: {_safe_str(v)}\n" for k, v in inner[0].items())
+                    return "".join(
+                        f"{k}: {as_text(parse_header(k.lower(), v[:HEADER_PARSE_LIMIT]), 2000)}\n"
+                        for k, v in itertools.islice(inner[0].raw_items(), 100)
+                        if k.lower() not in ("to", "cc", "bcc")
+                    )
     except Exception:
         return ""
     return ""
@@ -252,7 +236,7 @@ def parse_message(
     charsets = _charsets(msg)
     subject = _display(msg, "subject", charsets)
     in_reply_to = _first(msg, "in-reply-to")
-    references_text = " ".join(_safe_str(v) for v in _safe_all(msg, "references"))
+    references_text = " ".join(_safe_str(v) for v in all_headers(msg, "references"))
     references = tuple(message_ids(references_text))[-50:]
     ids = message_ids(_first(msg, "message-id"))
     report = _report_type(msg)
@@ -266,14 +250,16 @@ def parse_message(
     precedence = _first(msg, "precedence").lower() or None
     if precedence == "auto_reply" and auto_submitted is None:
         auto_submitted = "auto-replied"
-    autoreply = any(_safe_all(msg, h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder"))
+    autoreply = any(
+        all_headers(msg, h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder")
+    )
     sender = from_addresses[0] if len(from_addresses) == 1 and not from_defect else ""
     header_pairs = []
     for name, raw in itertools.islice(msg.raw_items(), 200):
-        if name.lower() in ADDRESS_HEADERS:
-            continue  # addresses are facts of their own; markers live in other headers
+        if name.lower() in ("to", "cc", "bcc"):
+            continue  # recipient lists are facts of their own (and the large ones)
         try:
-            value = _header(name.lower(), raw[:HEADER_PARSE_LIMIT])
+            value = parse_header(name.lower(), raw[:HEADER_PARSE_LIMIT])
         except Exception:
             continue
         header_pairs.append((name.lower(), clean_text(_safe_str(value))))
@@ -288,7 +274,7 @@ def parse_message(
         null_return_path=mail_from.strip() in ("", "<>"),
         auto_submitted=auto_submitted,
         precedence=precedence,
-        list_id=bool(_safe_all(msg, "list-id")),
+        list_id=bool(all_headers(msg, "list-id")),
         autoreply_headers=autoreply,
         delivery_report=report in ("delivery-status", "disposition-notification"),
         dmarc_fail=dmarc_failed(msg, trusted_authserv_ids, domain_of(sender)),
@@ -301,7 +287,7 @@ def parse_message(
         references=tuple(dict.fromkeys([*references, *message_ids(in_reply_to)])),
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
-        headers={h: _display(msg, h, charsets) for h in STORED_HEADERS if _safe_all(msg, h)},
+        headers={h: _display(msg, h, charsets) for h in STORED_HEADERS if all_headers(msg, h)},
         defects=tuple(defects),
     )
 

@@ -49,3 +49,17 @@ async def test_a_huge_cc_list_is_parsed_in_bounded_work(desk: Harness) -> None:
     await desk.drain()
     row = await desk.last_message()
     assert (row.decision, row.reasons) == ("unauthorized", ["unshared_cc"])
+
+
+async def test_a_from_too_long_to_parse_whole_is_malformed(desk: Harness) -> None:
+    """Cutting a 70 KB From at a comma would leave one clean mailbox: never trust it."""
+    junk = "x" * 70_000
+    raw = (
+        f"From: owner@acme.test, attacker@evil.test ({junk})\r\nTo: {DESK}\r\n"
+        "Subject: spoof\r\n\r\nx\r\n"
+    ).encode()
+    assert (await desk.send_raw(raw, mail_from="attacker@evil.test"))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.reasons) == ("unauthorized", ["malformed_sender"])
+    assert all(m.rcpt_tos == [STAFF] for m in desk.relay.messages)  # no link to the owner
