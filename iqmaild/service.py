@@ -123,6 +123,8 @@ class Daemon:
             await self.http_runner.cleanup()
         with contextlib.suppress(TimeoutError):  # let the row on the wire be marked sent
             await asyncio.wait_for(self.outbox.delivering.acquire(), timeout=10)
+        with contextlib.suppress(Exception):  # the rest of our claimed batch goes back
+            await self.outbox.release_claims()
         for task in reversed(self.tasks):
             task.cancel()
         for task in self.tasks:

@@ -127,11 +127,11 @@ class GroupCommitter:
                 # One multi-row INSERT ... RETURNING: the ORM's per-object work
                 # was most of the intake cost.
                 result = await session.execute(
-                    insert(Message).returning(Message.id, sort_by_parameter_order=True),
+                    insert(Message).returning(Message.id, Message.raw_sha256, Message.message_id),
                     list(new.values()),
                 )
-                for key, row_id in zip(new, result.scalars(), strict=True):
-                    existing[key] = row_id
+                for row_id, sha, stored_id in result:
+                    existing[(sha, stored_id)] = row_id
         fresh = set(new)  # the first of identical deliveries in a batch is the new one
         out: list[Stored] = []
         for key in keys:

@@ -23,10 +23,10 @@ from iqmaild.metrics import Metrics
 from iqmaild.storage.db import Database
 from iqmaild.storage.models import OutboxItem, utcnow
 
-CLAIM_BATCH = 50
-# How long a claim holds: far longer than sending a batch (CLAIM_BATCH mails with
-# connect_timeout each would be the worst case).
-LEASE_SECONDS = 900
+CLAIM_BATCH = 10
+# How long a claim holds: longer than the worst case of a batch (each mail two
+# attempts of several SMTP commands, each up to connect_timeout on a stuck relay).
+LEASE_SECONDS = 1800
 # After sending, the link inside an auth request exists nowhere but the customer's mailbox.
 REDACT_AFTER_SEND = frozenset({"auth_request"})
 
@@ -245,22 +245,47 @@ class OutboxWorker:
         except Exception:
             smtp.close()
 
+    async def release_claims(self) -> int:
+        """On a graceful stop: rows this instance claimed but did not send go back."""
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.state == "sending", OutboxItem.claimed_by == self.instance)
+                .values(state="queued", claimed_by=None, claimed_until=None)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def _mine(self, item: OutboxItem) -> Any:
+        """Only while our claim holds: a peer may have taken back an expired lease."""
+        return update(OutboxItem).where(
+            OutboxItem.id == item.id,
+            OutboxItem.state == "sending",
+            OutboxItem.claimed_by == self.instance,
+        )
+
     async def _finish(self, item: OutboxItem, state: str, error: str | None) -> None:
-        values: dict[str, Any] = {"state": state, "last_error": error}
+        values: dict[str, Any] = {
+            "state": state,
+            "last_error": error,
+            "claimed_by": None,
+            "claimed_until": None,
+        }
         if state == "sent":
             values["sent_at"] = utcnow()
         if item.kind in REDACT_AFTER_SEND:
             values["content"] = b""
         async with self.db.transaction() as session:
-            await session.execute(
-                update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
-            )
+            await session.execute(self._mine(item).values(**values))
 
     async def _defer(self, item: OutboxItem, error: str) -> None:
         cfg = self.config.outbound
         give_up = item.attempts >= cfg.max_attempts
         delay = min(cfg.retry_base_seconds * (2 ** (item.attempts - 1)), cfg.retry_max_seconds)
-        values: dict[str, Any] = {"last_error": error[:2000]}
+        values: dict[str, Any] = {
+            "last_error": error[:2000],
+            "claimed_by": None,
+            "claimed_until": None,
+        }
         if give_up:
             values["state"] = "failed"
             if item.kind in REDACT_AFTER_SEND:
@@ -269,9 +294,7 @@ class OutboxWorker:
             values["state"] = "queued"
             values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)
         async with self.db.transaction() as session:
-            await session.execute(
-                update(OutboxItem).where(OutboxItem.id == item.id).values(**values)
-            )
+            await session.execute(self._mine(item).values(**values))
         if give_up:
             self.log.warning(
                 "outbox.failed",

@@ -10,6 +10,7 @@ engine with a deferred BEGIN. PostgreSQL needs none of this.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,6 +43,11 @@ def _sqlite_begin_immediate(conn: Any) -> None:
 
 def _sqlite_begin_deferred(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
+
+
+# How often a background writer steps aside for intake before it takes its turn.
+MAX_YIELDS = 4
+YIELD_SECONDS = 0.05
 
 
 class Database:
@@ -98,11 +104,13 @@ class Database:
                 if not self._urgent_waiting:
                     self._no_urgent.set()
         else:
-            while True:
-                await self._no_urgent.wait()
+            for yielded in range(MAX_YIELDS + 1):
+                if yielded < MAX_YIELDS:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._no_urgent.wait(), timeout=YIELD_SECONDS)
                 await self._write_lock.acquire()
-                if not self._urgent_waiting:
-                    break
+                if not self._urgent_waiting or yielded == MAX_YIELDS:
+                    break  # bounded: under sustained intake the others still get turns
                 self._write_lock.release()  # an intake batch came in meanwhile: let it go first
         try:
             async with self.sessions() as session, session.begin():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -396,3 +397,19 @@ async def test_notices_to_unknown_senders_are_capped_per_domain(tmp_path: Path) 
         assert [OWNER] in [m.envelope_to for m in h.new_mail()]
     finally:
         await stop_harness(h)
+
+
+async def test_a_graceful_stop_hands_back_claimed_rows(desk: Harness) -> None:
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    claimed = await desk.daemon.outbox._claim()  # claimed, then the daemon is told to stop
+    assert len(claimed) == 2
+    await desk.daemon.stop()
+    # Read what the stop left, before any start-up recovery could tidy it.
+    path = desk.config.database.url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT state, claimed_by FROM outbox").fetchall()
+    conn.close()
+    assert set(rows) == {("queued", None)}
+    desk.daemon = Daemon(desk.config)  # the harness stops whatever runs at the end
+    await desk.daemon.start(background=False)

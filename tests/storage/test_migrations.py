@@ -58,3 +58,28 @@ async def test_sqlite_runs_in_wal_with_full_sync(tmp_path: Path) -> None:
         assert (mode, sync, fks) == ("wal", 2, 1)  # 2 = FULL
     finally:
         await db.dispose()
+
+
+async def test_background_writers_still_get_turns_under_sustained_intake(tmp_path: Path) -> None:
+    """Intake goes first on SQLite, but never forever: a link click must not hang."""
+    import asyncio
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    await schema.upgrade(db)
+    stop = asyncio.Event()
+
+    async def intake() -> None:
+        while not stop.is_set():
+            async with db.transaction(urgent=True) as session:
+                await session.execute(text("SELECT 1"))
+
+    producers = [asyncio.create_task(intake()) for _ in range(20)]
+    try:
+        async with asyncio.timeout(30):  # liveness, not a timing claim
+            for _ in range(3):
+                async with db.transaction() as session:
+                    await session.execute(text("SELECT 1"))
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+        await db.dispose()
