@@ -106,7 +106,8 @@ class Daemon:
                 backoff = min(backoff * 2, 30.0)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.classifier.wakeup.wait(), timeout=5.0)
+                async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancel
+                    await self.classifier.wakeup.wait()
             self.classifier.wakeup.clear()
 
     async def drain(self) -> None:
@@ -127,9 +128,10 @@ class Daemon:
             await self.outbox.release_claims()
         for task in reversed(self.tasks):
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self.tasks:  # bounded: a stuck task must not keep the process from exiting
+            _, stuck = await asyncio.wait(self.tasks, timeout=10)
+            for task in stuck:
+                self.log.error("task.stuck_on_stop", task=task.get_name())
         self.tasks.clear()
         await self.db.dispose()
         self.log.info("daemon.stopped")

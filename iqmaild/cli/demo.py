@@ -179,7 +179,14 @@ def demo(
                 await asyncio.to_thread(_sample, daemon.smtp_port)
                 say("sent a sample message from klient@example.com (the account's primary address)")
             if exit_after_sample:
-                await asyncio.wait_for(done.wait(), timeout=60)
+                waiters = [asyncio.ensure_future(e.wait()) for e in (done, stop)]
+                finished, pending = await asyncio.wait(
+                    waiters, timeout=60, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in pending:
+                    waiter.cancel()
+                if not finished:
+                    raise TimeoutError
             else:
                 say("running; Ctrl-C stops. Try: swaks/mail to bok@demo.test on this port")
                 await stop.wait()

@@ -92,7 +92,7 @@ class GroupCommitter:
 
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
         keys = [(item.sha256, item.message_id) for item in items]  # hash once per item
-        async with self.db.transaction(urgent=True) as session:
+        async with self.db.transaction(priority="intake") as session:
             existing: dict[tuple[str, str], int] = {}
             rows = await session.execute(
                 select(Message.raw_sha256, Message.message_id, Message.id).where(

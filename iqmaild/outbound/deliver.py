@@ -70,7 +70,7 @@ class OutboxWorker:
             query = query.where(
                 or_(OutboxItem.claimed_until.is_(None), OutboxItem.claimed_until < utcnow())
             )
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             result = await session.execute(
                 query.values(state="queued", claimed_by=None, claimed_until=None)
             )
@@ -89,7 +89,8 @@ class OutboxWorker:
                     self.log.error("outbox.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
                     timeout, backoff = backoff, min(backoff * 2, 30.0)
                 try:
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=timeout)
+                    async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                        await self.wakeup.wait()
                 except TimeoutError:
                     await self._close_if_idle()
                 self.wakeup.clear()
@@ -128,7 +129,7 @@ class OutboxWorker:
         return min(max(wait, 0.05), self.config.outbound.idle_close_seconds)
 
     async def _claim(self) -> list[OutboxItem]:
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             query = (
                 select(OutboxItem)
                 .where(OutboxItem.state == "queued", OutboxItem.next_attempt_at <= utcnow())
@@ -247,7 +248,7 @@ class OutboxWorker:
 
     async def release_claims(self) -> int:
         """On a graceful stop: rows this instance claimed but did not send go back."""
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             result = await session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.state == "sending", OutboxItem.claimed_by == self.instance)
@@ -274,7 +275,7 @@ class OutboxWorker:
             values["sent_at"] = utcnow()
         if item.kind in REDACT_AFTER_SEND:
             values["content"] = b""
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             await session.execute(self._mine(item).values(**values))
 
     async def _defer(self, item: OutboxItem, error: str) -> None:
@@ -293,7 +294,7 @@ class OutboxWorker:
         else:
             values["state"] = "queued"
             values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             await session.execute(self._mine(item).values(**values))
         if give_up:
             self.log.warning(

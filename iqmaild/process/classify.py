@@ -128,7 +128,7 @@ class Classifier:
                 parsed.facts, panel_account_id=panel_account, panel_service_id=panel_service or None
             )
             parsed = replace(parsed, facts=facts)
-        async with self.db.transaction() as session:
+        async with self.db.transaction(priority="background") as session:
             message = await session.get(Message, message_id, with_for_update=True)
             if message is None or message.state != "received":
                 return None

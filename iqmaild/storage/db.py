@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
@@ -45,8 +45,10 @@ def _sqlite_begin_deferred(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-# How often a background writer steps aside for intake before it takes its turn.
-MAX_YIELDS = 4
+# How often a writer steps aside for intake (YIELD_SECONDS each) before it takes
+# its turn anyway: interactive writes (a link click) soon, background work (the
+# classifier, the outbox) only after a burst or every couple of seconds.
+MAX_YIELDS = {"normal": 4, "background": 40}
 YIELD_SECONDS = 0.05
 
 
@@ -84,12 +86,15 @@ class Database:
         self._no_urgent.set()
 
     @asynccontextmanager
-    async def transaction(self, urgent: bool = False) -> AsyncIterator[AsyncSession]:
+    async def transaction(
+        self, priority: Literal["intake", "normal", "background"] = "normal"
+    ) -> AsyncIterator[AsyncSession]:
         """A write transaction, committed when the block ends without error.
 
-        On SQLite writes are serialized; an ``urgent`` writer (intake) is served
-        before the others waiting, so classification never slows the 250s.
+        On SQLite writes are serialized; intake (the 250s the MTA waits for) is
+        served before the others, which step aside a bounded number of times.
         """
+        urgent = priority == "intake"
         if self._write_lock is None:
             async with self.sessions() as session, session.begin():
                 yield session
@@ -104,12 +109,17 @@ class Database:
                 if not self._urgent_waiting:
                     self._no_urgent.set()
         else:
-            for yielded in range(MAX_YIELDS + 1):
-                if yielded < MAX_YIELDS:
+            limit = MAX_YIELDS[priority]
+            for yielded in range(limit + 1):
+                if yielded < limit and not self._no_urgent.is_set():
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+                    # cancellation that arrives as the event fires (a task then
+                    # survives Daemon.stop()).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._no_urgent.wait(), timeout=YIELD_SECONDS)
+                        async with asyncio.timeout(YIELD_SECONDS):
+                            await self._no_urgent.wait()
                 await self._write_lock.acquire()
-                if not self._urgent_waiting or yielded == MAX_YIELDS:
+                if not self._urgent_waiting or yielded == limit:
                     break  # bounded: under sustained intake the others still get turns
                 self._write_lock.release()  # an intake batch came in meanwhile: let it go first
         try:

@@ -70,7 +70,7 @@ async def test_background_writers_still_get_turns_under_sustained_intake(tmp_pat
 
     async def intake() -> None:
         while not stop.is_set():
-            async with db.transaction(urgent=True) as session:
+            async with db.transaction(priority="intake") as session:
                 await session.execute(text("SELECT 1"))
 
     producers = [asyncio.create_task(intake()) for _ in range(20)]
