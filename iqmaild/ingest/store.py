@@ -1,8 +1,8 @@
 """Durable intake with group commit: many messages, one commit, each 250 after it.
 
 In the prototypes one commit per message kept 0.41x of a bare aiosmtpd
-server's rate and group commit 0.87x; this implementation measures 0.17x and
-0.50x (BENCHMARKS.md, bench/ingest). Duplicates (the MTA retrying after a lost
+server's rate and group commit 0.87x; this implementation measures 0.15x and
+0.56x (BENCHMARKS.md, bench/ingest). Duplicates (the MTA retrying after a lost
 250, an IMAP re-fetch) are recognised by Message-ID plus SHA-256 of the raw
 bytes and stored once; a different message reusing a Message-ID is kept.
 """
