@@ -219,14 +219,18 @@ class Config(_Section):
         return self.security.secret_key.encode()
 
     @property
-    def message_id_domain(self) -> str:
-        if self.outbound.message_id_domain:
-            return self.outbound.message_id_domain
+    def desk_address(self) -> str:
+        """The address in ``outbound.from`` (our envelope sender, named in mail)."""
         from email.policy import default
 
         header = default.header_factory("from", self.outbound.from_)
         addresses = getattr(header, "addresses", ())
-        return (addresses[0].domain if addresses else "") or "localhost"
+        return addresses[0].addr_spec if addresses else self.outbound.from_
+
+    @property
+    def message_id_domain(self) -> str:
+        domain = self.desk_address.rpartition("@")[2]
+        return self.outbound.message_id_domain or domain or "localhost"
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -73,6 +73,8 @@ class Composer:
         self.renderer = renderer
         self.tags = tags
         self.domain = config.message_id_domain
+        # Parsed once: every outbound mail names it.
+        self.desk_address = config.desk_address
 
     def new_message_id(self, ticket_number: int | None) -> str:
         unique = secrets.token_hex(8)
@@ -95,7 +97,7 @@ class Composer:
             template,
             ticket=ticket,
             recipient=recipient,
-            desk_address=self._desk_address(),
+            desk_address=self.desk_address,
             panel_url=self.config.notices.panel_url,
             **ctx,
         )
@@ -133,15 +135,10 @@ class Composer:
                 msg["Thread-Index"] = child
                 msg["Thread-Topic"] = clean_text(topic, 200)
 
-    def _desk_address(self) -> str:
-        header = policy.default.header_factory("from", self.config.outbound.from_)
-        addresses = getattr(header, "addresses", ())
-        return addresses[0].addr_spec if addresses else self.config.outbound.from_
-
     @property
     def envelope_from(self) -> str:
         """Bounces of our mail come back to the desk, where they are parsed."""
-        return self._desk_address()
+        return self.desk_address
 
     def staff_delivery(self, raw: bytes, verdict_headers: dict[str, str]) -> bytes:
         """The customer's message as received, with our verdict headers on top.

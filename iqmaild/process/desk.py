@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +42,3 @@ class Desk:
     @property
     def key(self) -> bytes:
         return self.config.key
-
-
-def valid_pattern(value: str) -> bool:
-    try:
-        re.compile(value)
-    except re.error:
-        return False
-    return True
