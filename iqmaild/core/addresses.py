@@ -1,15 +1,21 @@
 """Normalization of mailbox addresses so that directory look-ups compare alike.
 
-The domain is IDNA-encoded and lowercased; the local part is compared
-case-insensitively (DESIGN.md), so the whole address is lowercased.
+The domain is mapped and encoded as IDNA 2008 with UTS #46, non-transitional
+(the ``idna`` package): the form today's resolvers and MTAs look up, so
+``faß.de`` stays itself (IDNA 2003 made it ``fass.de``, another domain). The
+local part is compared case-insensitively (DESIGN.md) in Unicode NFC, so the
+whole address is lowercased; RFC 6531 local parts in UTF-8 are addresses too.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
-_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
+import idna
 
+_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
+_ASCII_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 MAX_ADDRESS = 254  # RFC 5321's path limit; also what the database columns hold
 
@@ -24,31 +30,34 @@ def normalize(address: str) -> str | None:
         return None
     if "@" in local and not (len(local) > 1 and local[0] == local[-1] == '"'):
         return None  # an unquoted "@" in the local part
-    domain = domain.rstrip(".")
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        if not domain.isascii():
+    ascii_domain = normalize_domain(domain)
+    if ascii_domain is None:
+        return None
+    return f"{unicodedata.normalize('NFC', local).lower()}@{ascii_domain}"
+
+
+def normalize_domain(domain: str) -> str | None:
+    """The lowercased A-label form of a domain, or None when it is not one."""
+    domain = domain.rstrip(".") if domain.endswith(".") and len(domain) > 1 else domain
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        printable = literal and all(c.isascii() and c.isprintable() for c in literal)
+        return domain.lower() if printable else None
+    if domain.isascii():
+        lowered = domain.lower()
+        labels = lowered.split(".")
+        if not all(_ASCII_LABEL.fullmatch(label) for label in labels):
             return None
-        ascii_domain = domain.lower()
-    if not ascii_domain or ascii_domain.startswith(".") or ".." in ascii_domain:
-        return None
-    if not domain.isascii() and _unicode_form(ascii_domain) != _nfc(domain.lower()):
-        # IDNA 2003 mapped more than case (ß -> ss, zero-width characters dropped,
-        # full-width folded): the name is not the one written, so two different
-        # domains would compare alike. Such an address is not an address.
-        return None
-    return f"{local.lower()}@{ascii_domain}"
+        if any(label.startswith("xn--") for label in labels):
+            return _idna(lowered)  # an A-label must be a valid one
+        return lowered
+    return _idna(domain)
 
 
-def _nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
-
-
-def _unicode_form(ascii_domain: str) -> str | None:
+def _idna(domain: str) -> str | None:
     try:
-        return ascii_domain.encode("ascii").decode("idna")
-    except UnicodeError:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
         return None
 
 
@@ -58,3 +67,14 @@ def domain_of(address: str) -> str:
 
 def local_part(address: str) -> str:
     return address.rpartition("@")[0]
+
+
+def split_extension(address: str, delimiter: str) -> tuple[str, str]:
+    """``bok+faktury@d`` -> (``bok@d``, ``faktury``); no delimiter, no extension."""
+    if not delimiter:
+        return address, ""
+    local, _, domain = address.rpartition("@")
+    base, sep, extension = local.partition(delimiter)
+    if not sep or not base:
+        return address, ""
+    return f"{base}@{domain}", extension

@@ -28,6 +28,14 @@ ZAZOLC = "xn--za-6ja4f8n1l.pl"  # zażółć.pl
         ("Żółw@x.pl", "żółw@x.pl"),  # UTF-8 local part (SMTPUTF8) kept, lowercased
         ('"a@b"@c.test', '"a@b"@c.test'),  # quoted local part may hold "@"
         ("first.last+tag@sub.acme.test", "first.last+tag@sub.acme.test"),
+        ("łukasz@acme.test", "łukasz@acme.test"),  # RFC 6531 local part
+        ("x@under_score.test", "x@under_score.test"),  # real MX hosts have them
+        ("x@[192.0.2.1]", "x@[192.0.2.1]"),  # a domain literal
+        # IDNA 2008 (UTS #46, non-transitional): what resolvers and MTAs look up
+        ("owner@faß.de", "owner@xn--fa-hia.de"),  # IDNA 2003 made it fass.de: another domain
+        ("dev@fußball.test", "dev@xn--fuball-cta.test"),
+        ("owner@ＡＣＭＥ.test", "owner@acme.test"),  # full-width maps: the same domain
+        ("owner@acme\u3002test", "owner@acme.test"),  # ideographic full stop
     ],
 )
 def test_normalize(raw: str, expected: str) -> None:
@@ -59,11 +67,10 @@ def test_normalize(raw: str, expected: str) -> None:
         "owner@.acme.test",
         "owner@@acme.test",  # unquoted @ in the local part
         "owner@evil.test@acme.test",
-        # IDNA 2003 would map these onto another name: refused, not confused
-        "owner@faß.de",  # would become fass.de
-        "owner@acme\u200b.test",  # zero-width space dropped -> acme.test
-        "owner@ＡＣＭＥ.test",  # full-width -> acme.test
-        "owner@\u00ad" + "acme.test",  # soft hyphen dropped
+        "owner@xn--zz.test",  # not a valid A-label
+        "owner@-acme.test",  # a label starting with a hyphen
+        "owner@acme\u200d.test",  # a joiner where IDNA 2008 allows none
+        "x@fu\u00dfball\u2044.test",  # a character IDNA 2008 disallows
     ],
 )
 def test_not_an_address(raw: str) -> None:
