@@ -12,9 +12,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from iqmaild.core.addresses import normalize
+from iqmaild.core.addresses import normalize, split_extension
 
 ENV_VAR = "IQMAILD_CONFIG"
 DEFAULT_PATH = Path("/etc/iqmaild/iqmaild.toml")
@@ -77,6 +84,12 @@ class SmtpConfig(_Section):
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=100, ge=1)
     group_commit_max: int = Field(default=64, ge=1, le=10000)
+    # Sub-addresses of the desk (bok+faktury@) and our signed envelope senders.
+    recipient_delimiter: str = Field(default="+", max_length=1)
+    max_connections: int = Field(default=200, ge=1)
+    idle_timeout: float = Field(default=300.0, gt=0)
+    # Bytes of message data all sessions together may hold in memory while receiving.
+    max_inflight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
 
     _listen = field_validator("listen")(lambda v: _host_port(v))
 
@@ -99,7 +112,16 @@ class HttpConfig(_Section):
     public_url: str
     panel_token: str = Field(default="", description="Bearer token of the Customer Panel")
     authorize_attempts_per_minute: int = Field(default=30, ge=1)
+    panel_failures_per_minute: int = Field(default=10, ge=1)
     trusted_proxies: tuple[str, ...] = ()
+    max_connections: int = Field(default=500, ge=1)
+
+    @field_validator("panel_token")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if value and (len(value) < 32 or not value.isprintable() or not value.isascii()):
+            raise ValueError("at least 32 printable ASCII characters (or empty: API closed)")
+        return value
 
     _listen = field_validator("listen")(lambda v: _host_port(v))
 
@@ -116,6 +138,7 @@ class RateLimitConfig(_Section):
     per_recipient_day: int = Field(default=20, ge=0)
     per_ticket_day: int = Field(default=10, ge=0)
     unknown_sender_domain_hour: int = Field(default=10, ge=0)
+    unknown_sender_hour: int = Field(default=30, ge=0)
 
 
 class OutboundConfig(_Section):
@@ -123,8 +146,11 @@ class OutboundConfig(_Section):
     from_: str = Field(alias="from")
     staff_address: str
     message_id_domain: str = ""
+    return_path: str = ""
     connect_timeout: float = Field(default=15.0, gt=0)
-    max_attempts: int = Field(default=12, ge=1)
+    command_timeout: float = Field(default=300.0, gt=0)
+    data_timeout: float = Field(default=600.0, gt=0)
+    queue_lifetime_hours: float = Field(default=120.0, gt=0)
     retry_base_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     idle_close_seconds: float = Field(default=20.0, gt=0)
@@ -137,6 +163,13 @@ class OutboundConfig(_Section):
     @classmethod
     def _staff(cls, value: str) -> str:
         if normalize(value) is None:
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+    @field_validator("return_path")
+    @classmethod
+    def _return_path(cls, value: str) -> str:
+        if value and normalize(value) is None:
             raise ValueError(f"{value!r} is not an email address")
         return value
 
@@ -192,6 +225,7 @@ class NoticesConfig(_Section):
 class ProcessingConfig(_Section):
     max_attempts: int = Field(default=5, ge=1)
     retry_seconds: float = Field(default=30.0, gt=0)
+    max_hops: int = Field(default=30, ge=5)
 
 
 class TemplatesConfig(_Section):
@@ -214,9 +248,26 @@ class Config(_Section):
     templates: TemplatesConfig = TemplatesConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    @model_validator(mode="after")
+    def _no_loops(self) -> Config:
+        """Mail to staff or to our envelope sender must never come back as customer mail."""
+        delimiter = self.smtp.recipient_delimiter
+        desk = set(self.smtp.desk_addresses)
+        staff = normalize(self.outbound.staff_address) or ""
+        if staff in desk or split_extension(staff, delimiter)[0] in desk:
+            raise ValueError("outbound.staff_address: is a desk address (its copies would loop)")
+        if staff == self.return_path_base:
+            raise ValueError("outbound.staff_address: is the return path (bounces would loop)")
+        return self
+
     @property
     def key(self) -> bytes:
         return self.security.secret_key.encode()
+
+    @property
+    def return_path_base(self) -> str:
+        """Base of our signed envelope senders (``base+bounce-N-sig@domain``)."""
+        return normalize(self.outbound.return_path or self.desk_address) or ""
 
     @property
     def desk_address(self) -> str:
@@ -241,7 +292,7 @@ def _first_error(exc: ValidationError) -> str:
         message = "missing required key"
     elif err["type"] == "extra_forbidden":
         message = "unknown key"
-    return f"{key}: {message}"
+    return f"{key}: {message}" if key else message
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:

@@ -6,6 +6,7 @@ go to the log.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -54,3 +55,35 @@ class _JsonFormatter(logging.Formatter):
 
 def get(name: str) -> Any:
     return structlog.get_logger(name).bind(logger=name)
+
+
+class LoopErrors:
+    """The event loop's exception handler: the same problem logs once per interval.
+
+    Out of file descriptors, asyncio reports every failed accept(); a flood of
+    connections would otherwise write millions of identical lines.
+    """
+
+    def __init__(self, log: Any, interval: float = 10.0) -> None:
+        self.log = log
+        self.interval = interval
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        text = str(context.get("message", ""))[:200]
+        key = f"{text}|{type(error).__name__ if error else ''}"
+        now = loop.time()
+        when, suppressed = self.last.get(key, (float("-inf"), 0))
+        if now - when < self.interval:
+            self.last[key] = (when, suppressed + 1)
+            return
+        if len(self.last) > 1000:
+            self.last.clear()
+        self.last[key] = (now, 0)
+        self.log.error(
+            "loop.error",
+            message=text,
+            error=f"{type(error).__name__}: {error}"[:300] if error else None,
+            repeated=suppressed,
+        )

@@ -14,6 +14,7 @@ from iqmaild.ingest.store import GroupCommitter, Incoming
 from iqmaild.outbound.deliver import OutboxWorker
 from iqmaild.process.classify import Classifier
 from iqmaild.process.desk import Desk
+from iqmaild.process.tickets import probe as tickets_probe
 from iqmaild.rendering import Renderer
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
@@ -35,12 +36,18 @@ class Daemon:
         self.log = log or logs.get("iqmaild")
         self.db = Database(config.database.url, config.database.pool_size)
         self.desk = build_desk(config, self.log)
-        self.outbox = OutboxWorker(self.db, config, self.log, self.desk.metrics)
+        self.outbox = OutboxWorker(
+            self.db, config, self.log, self.desk.metrics, composer=self.desk.composer
+        )
         self.classifier = Classifier(self.db, self.desk, on_processed=self.outbox.notify)
         self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
-        self.web = WebApp(self.db, self.desk, self._intake_now, self.problems)
+        self.web = WebApp(
+            self.db, self.desk, self._intake_now, self.problems, queued=self.outbox.notify
+        )
+        self._probe: tuple[float, str | None] = (float("-inf"), None)
         self.tasks: list[asyncio.Task[Any]] = []
         self.smtp_server: asyncio.AbstractServer | None = None
+        self.smtp_limits: Any = None
         self.http_runner: Any = None
         self.smtp_port = 0
         self.http_port = 0
@@ -56,12 +63,17 @@ class Daemon:
         return stored.id
 
     async def start(self, *, background: bool = True) -> None:
+        asyncio.get_running_loop().set_exception_handler(logs.LoopErrors(self.log))
         await schema.ensure_current(self.db)
         requeued = await self.outbox.recover()
         handler = DeskHandler(self.config, self.committer, self.log, self.desk.metrics)
-        self.smtp_server, self.smtp_port = await start_listener(self.config, handler)
+        self.smtp_server, self.smtp_port, self.smtp_limits = await start_listener(
+            self.config, handler, self.log
+        )
         host, port = split_host_port(self.config.http.listen)
-        self.http_runner, self.http_port = await start_http(self.web, host, port)
+        self.http_runner, self.http_port = await start_http(
+            self.web, host, port, self.config.http.max_connections
+        )
         self._spawn(self.committer.run(), "group-commit")
         if background:
             self._spawn(self._classify_loop(), "classify")
@@ -87,9 +99,33 @@ class Daemon:
             "task.died", task=task.get_name(), error=f"{type(error).__name__}: {error}"[:300]
         )
 
-    def problems(self) -> list[str]:
-        """What /healthz reports besides the database: tasks that are not running."""
-        return [f"task {t.get_name()} stopped" for t in self.tasks if t.done()]
+    async def problems(self) -> list[str]:
+        """What /healthz reports besides the database: stopped tasks, intake that cannot commit.
+
+        Reads alone prove little (a full disk still reads): health says whether
+        intake commits, from intake's own last attempt or, when idle, a probe write.
+        """
+        out = [f"task {t.get_name()} stopped" for t in self.tasks if t.done()]
+        loop = asyncio.get_running_loop()
+        committer = self.committer
+        if committer.failed_since is not None:
+            out.append(f"intake cannot commit (for {loop.time() - committer.failed_since:.0f} s)")
+        elif committer.last_success is None or loop.time() - committer.last_success > 30:
+            when, error = self._probe
+            if loop.time() - when > 5:
+                error = await self._write_probe()
+                self._probe = (loop.time(), error)
+            if error:
+                out.append(f"database does not accept writes: {error}")
+        return out
+
+    async def _write_probe(self) -> str | None:
+        try:
+            async with self.db.transaction(priority="intake") as session:
+                await tickets_probe(session)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return None
 
     async def _classify_loop(self) -> None:
         """Classify what is due; a database outage backs off and never ends the loop."""

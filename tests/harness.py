@@ -33,7 +33,7 @@ from iqmaild.storage.models import Message, Ticket
 DATA = Path(__file__).parent / "data"
 DESK = "bok@desk.test"
 STAFF = "staff@desk.test"
-PANEL_TOKEN = "panel-secret-token-for-tests"
+PANEL_TOKEN = "panel-secret-token-for-tests-0123456789"
 
 DIRECTORY = {
     "accounts": [

@@ -47,11 +47,11 @@ def test_demo_shows_an_authorization_mail(tmp_path: Path) -> None:
     texts = [m.read_text(encoding="utf-8", errors="replace") for m in mails]
     auth = [t for t in texts if "/authorize/" in t]
     assert len(auth) == 1 and "To: klient@example.com" in auth[0]
-    assert "[IQ.pl#23328:" in auth[0]
+    assert "[IQ.pl#23328]" in auth[0]  # the code comes only after the click
     # Running it again (other ports) reuses the demo directory and numbers on.
     again = _demo(tmp_path, "--exit-after-sample")
     assert again.returncode == 0, again.stderr
-    assert "[IQ.pl#23329:" in "".join(
+    assert "[IQ.pl#23329]" in "".join(
         m.read_text(errors="replace") for m in (tmp_path / "demo" / "mail").glob("*.eml")
     )
 

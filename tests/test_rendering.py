@@ -29,7 +29,8 @@ REASONS = (
     "dmarc_fail",
     "ambiguous_account",
 )
-MAILS = ("auth_request", "acknowledgement", "unauthorized", "staff_reply")
+MAILS = ("auth_request", "acknowledgement", "notice", "refusal", "code_changed", "staff_reply")
+TICKETLESS = {"refusal"}  # to someone who may not act on the ticket: names none
 HTML_MAILS = {"auth_request", "acknowledgement"}
 STAFF_BODY = "Dzień dobry,\n\nskrzynka <b>działa</b> poprawnie.\n\nJan z BOK\n\n"
 
@@ -41,7 +42,9 @@ def renderer() -> Renderer:
 
 def mail_ctx(name: str, subject: str = NASTY, **extra: Any) -> dict[str, Any]:
     ctx: dict[str, Any] = {
-        "ticket": SimpleNamespace(number=23328, tag=TAG, subject=subject),
+        "ticket": None
+        if name in TICKETLESS
+        else SimpleNamespace(number=23328, tag=TAG, subject=subject),
         "recipient": "jan.kowalski@example.com",
         "desk_address": "bok@example.pl",
     }
@@ -50,11 +53,15 @@ def mail_ctx(name: str, subject: str = NASTY, **extra: Any) -> dict[str, Any]:
     ctx |= {
         "auth_request": {"link": LINK, "expires_hours": 72},
         "acknowledgement": {"via": "link"},
-        "unauthorized": {
+        "notice": {
             "reasons": list(REASONS),
             "unshared": ["obcy@example.net", "inny@example.org"],
             "includes_code": True,
+            "ticket_authorized": True,
+            "code_changed": False,
         },
+        "refusal": {"reasons": list(REASONS)},
+        "code_changed": {},
         "staff_reply": {"body": STAFF_BODY},
     }[name]
     return ctx | extra
@@ -79,13 +86,17 @@ def test_mail_is_header_safe_and_complete(renderer: Renderer, lang: str, name: s
     mail = renderer.render_mail(lang, name, **mail_ctx(name))
     assert mail.subject == mail.subject.strip()
     assert all(ord(c) >= 32 for c in mail.subject), mail.subject
-    assert "Zażółć" in mail.subject and "Bcc: x@evil.test" in mail.subject
     assert TAG not in mail.subject and not mail.subject.lower().startswith("re:")
     assert mail.text.endswith("\n") and not mail.text.endswith("\n\n")
     assert "\r" not in mail.text
     assert "undefined" not in mail.text.lower()
-    assert TAG in mail.text
     assert "bok@example.pl" in mail.text
+    if name in TICKETLESS:  # reveals nothing of a ticket, quotes nothing the sender wrote
+        assert "23328" not in mail.text + mail.subject and "Zażółć" not in mail.text
+        assert "jan.kowalski@example.com" not in mail.text
+        return
+    assert "Zażółć" in mail.subject and "Bcc: x@evil.test" in mail.subject
+    assert TAG in mail.text
     if name == "auth_request":
         assert LINK in mail.text
     if name in HTML_MAILS:
@@ -106,8 +117,9 @@ def test_mail_lines_stay_short(
     renderer: Renderer, lang: str, name: str, includes_code: bool
 ) -> None:
     ctx = mail_ctx(name, subject="Problem z pocztą")
-    if name == "unauthorized":
-        ctx["includes_code"] = includes_code
+    if name == "notice":
+        ctx["includes_code"] = ctx["ticket_authorized"] = includes_code
+        ctx["code_changed"] = not includes_code
     text = renderer.render_mail(lang, name, **ctx).text
     too_long = [line for line in text.splitlines() if len(line) >= 78]
     assert not too_long
@@ -115,15 +127,21 @@ def test_mail_lines_stay_short(
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_every_reason_has_its_own_explanation(renderer: Renderer, lang: str) -> None:
-    def body(reasons: list[str]) -> str:
-        return renderer.render_mail(
-            lang, "unauthorized", **mail_ctx("unauthorized", reasons=reasons)
-        ).text
+    def body(reasons: list[str], name: str = "notice") -> str:
+        return renderer.render_mail(lang, name, **mail_ctx(name, reasons=reasons)).text
 
     baseline = body([])
     texts = {reason: body([reason]) for reason in REASONS}
     assert len(set(texts.values())) == len(REASONS)
     assert baseline not in texts.values()
+    # A refusal explains each rule too, except what only a ticket's owner may learn;
+    # the ticket-tag reasons share one wording that tells a guesser nothing.
+    refusals = {reason: body([reason], "refusal") for reason in REASONS}
+    tag_reasons = {"code_missing", "code_mismatch", "unknown_ticket"}
+    assert len({refusals[r] for r in tag_reasons}) == 1
+    others = {r: t for r, t in refusals.items() if r not in tag_reasons | {"malformed_sender"}}
+    assert len(set(others.values())) == len(others)
+    assert not any("obcy@example.net" in t for t in refusals.values())
     assert body(["no_such_reason"]) == baseline
     assert body(["code_missing", "code_missing"]) == texts["code_missing"]
     assert "obcy@example.net" in texts["unshared_cc"]
@@ -133,9 +151,9 @@ def test_every_reason_has_its_own_explanation(renderer: Renderer, lang: str) -> 
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_notice_without_code_shows_short_tag_only(renderer: Renderer, lang: str) -> None:
-    ctx = mail_ctx("unauthorized", includes_code=False)
+    ctx = mail_ctx("notice", includes_code=False, ticket_authorized=False)
     ctx["ticket"] = SimpleNamespace(number=23328, tag=SHORT_TAG, subject="Hej")
-    text = renderer.render_mail(lang, "unauthorized", **ctx).text
+    text = renderer.render_mail(lang, "notice", **ctx).text
     assert SHORT_TAG in text
     assert "1be837cbaa33d1c9254c" not in text
 
@@ -270,30 +288,39 @@ def names_of(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-def test_unshared_sender_is_told_about_their_own_access() -> None:
-    """A shared contact writing about another service is not told about a CC."""
-    from iqmaild.rendering import Renderer
-
+def test_notices_name_other_participants_refusals_name_none() -> None:
+    """The owner learns which CCs lack a share; a contact without one learns of no one."""
     renderer = Renderer()
-    for lang, own, cc in (
-        ("pl", "ma dostęp do innej usługi", "W polach Do lub DW"),
-        ("en", "has access to another service", "The To or CC fields"),
-    ):
-        ticket = {"number": 7, "tag": "[IQ.pl#7]", "subject": "x"}
-        common = dict(
-            ticket=ticket,
+    for lang, cc in (("pl", "W polach Do lub DW"), ("en", "The To or CC fields")):
+        common = dict(desk_address="bok@desk.test", panel_url="https://p")
+        notice = renderer.render_mail(
+            lang,
+            "notice",
+            ticket={"number": 7, "tag": "[IQ.pl#7]", "subject": "x"},
+            recipient="owner@acme.test",
+            reasons=["unshared_cc"],
+            unshared=["x@other.test"],
+            includes_code=False,
+            ticket_authorized=False,
+            code_changed=False,
+            **common,
+        ).text
+        assert cc in notice and "x@other.test" in notice
+        refusal = renderer.render_mail(
+            lang,
+            "refusal",
+            ticket=None,
             recipient="dev@partner.test",
             reasons=["unshared_cc"],
-            desk_address="bok@desk.test",
-            panel_url="https://p",
-            includes_code=False,
-        )
-        alone = renderer.render_mail(
-            lang, "unauthorized", unshared=["dev@partner.test"], **common
+            **common,
         ).text
-        assert own in alone and cc not in alone
-        both = renderer.render_mail(
-            lang, "unauthorized", unshared=["dev@partner.test", "x@other.test"], **common
-        ).text
-        assert own in both and cc in both and "x@other.test" in both
-        assert "- dev@partner.test" not in both
+        assert "x@other.test" not in refusal and "[IQ.pl#7]" not in refusal
+
+
+def test_a_changed_code_is_announced() -> None:
+    renderer = Renderer()
+    for lang in LANGS:
+        ctx = mail_ctx("notice", code_changed=True)
+        changed = renderer.render_mail(lang, "notice", **ctx).text
+        unchanged = renderer.render_mail(lang, "notice", **(ctx | {"code_changed": False})).text
+        assert changed != unchanged and TAG in changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 
 import click
@@ -13,6 +14,16 @@ from iqmaild.cli import main
 from iqmaild.cli.common import Fail, config_of
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
+
+
+def _raise_fd_limit() -> None:
+    """Use the hard limit of open files (systemd's default soft limit is 1024)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
 
 
 @main.command("check-config")
@@ -53,6 +64,7 @@ def serve(ctx: click.Context) -> None:
     """Run the daemon (SMTP/LMTP listener, classifier, outbox, HTTP) until SIGTERM."""
     config = config_of(ctx)
     logs.configure(config.logging.level)
+    _raise_fd_limit()
     from iqmaild.service import Daemon
 
     async def main_loop() -> None:

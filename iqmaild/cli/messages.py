@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 from sqlalchemy import select, update
 
 from iqmaild.cli import main
 from iqmaild.cli.common import emit, run_job
+from iqmaild.ingest.parse import body_preview
 from iqmaild.storage.models import Message, Ticket
 
 
@@ -51,6 +54,7 @@ def message_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> N
                     "reasons": ",".join(m.reasons or []),
                     "attempts": m.attempts,
                     "last_error": m.last_error or "",
+                    "suppressed": ",".join(m.suppressed or []),
                     "size": len(m.raw),
                 }
                 for m, number in rows
@@ -61,6 +65,56 @@ def message_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> N
         as_json,
         ["id", "state", "received", "from", "ticket", "decision", "reasons", "last_error"],
     )
+
+
+@message.command("show")
+@click.argument("message_id", type=int)
+@click.option("--raw", is_flag=True, help="The message exactly as received, to stdout")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def message_show(ctx: click.Context, message_id: int, raw: bool, as_json: bool) -> None:
+    """One received message: its verdict, or (``--raw``) its bytes as received."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        async with db.read() as session:
+            m = await session.get(Message, message_id)
+            if m is None:
+                raise LookupError(f"no message {message_id}")
+            number = await session.scalar(select(Ticket.number).where(Ticket.id == m.ticket_id))
+            return m, number
+
+    m, number = run_job(ctx, work)
+    if raw:
+        click.get_binary_stream("stdout").write(m.raw)
+        return
+    data = {
+        "id": m.id,
+        "state": m.state,
+        "received": m.received_at.isoformat(timespec="seconds"),
+        "channel": m.channel,
+        "mail_from": m.mail_from,
+        "rcpt_to": m.rcpt_to,
+        "from": m.from_address,
+        "subject": m.subject,
+        "ticket": number,
+        "decision": m.decision,
+        "reasons": m.reasons,
+        "rules": m.rules_hit,
+        "sender_role": m.sender_role,
+        "suppressed": m.suppressed,
+        "returned_outbox": m.outbox_ref,
+        "defects": m.defects,
+        "size": len(m.raw),
+        "last_error": m.last_error,
+        "body": body_preview(m.raw, 4000),
+    }
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False, default=str, indent=1))
+        return
+    for key, value in data.items():
+        if key != "body":
+            click.echo(f"{key:16} {value}")
+    click.echo(f"\n{data['body']}")
 
 
 @message.command("retry")

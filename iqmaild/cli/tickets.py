@@ -10,12 +10,14 @@ from sqlalchemy import func, select, update
 
 from iqmaild.cli import main
 from iqmaild.cli.common import Fail, emit, run_job
-from iqmaild.core.vocabulary import TicketState
+from iqmaild.core.mail import AuthRequest, MailIntent, StaffReply
+from iqmaild.core.vocabulary import MailKind, TicketState
 from iqmaild.ingest.parse import body_preview, message_ids
 from iqmaild.outbound.compose import ThreadInfo
-from iqmaild.process import act, tickets
+from iqmaild.process import apply as act
+from iqmaild.process import tickets
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import Message, OutboxItem, Service, Ticket, utcnow
+from iqmaild.storage.models import AuthToken, Message, OutboxItem, Service, Ticket, utcnow
 
 
 def _ticket_row(t: Ticket) -> dict[str, Any]:
@@ -181,8 +183,11 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
             if not t.requester:
                 raise LookupError(f"ticket {number} has no requester address to reply to")
             directory = await view_for(session, [t.requester])
-            may_see_code = bool(t.account_id) and directory.may_act(
-                t.requester, t.account_id or "", t.service_id
+            # The code goes only to who may act, and only once the ticket is authorized.
+            may_see_code = (
+                t.authorization == "authorized"
+                and bool(t.account_id)
+                and directory.may_act(t.requester, t.account_id or "", t.service_id)
             )
             last = await session.scalar(
                 select(Message)
@@ -192,22 +197,57 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
             )
             ids = message_ids(last.message_id) if last else []
             thread = ThreadInfo(ids[0] if ids else "", (), None)
-            await act.customer_mail(
-                session,
-                desk,
-                kind="staff_reply",
-                ticket=t,
-                recipient=t.requester,
-                include_code=may_see_code,
-                thread=thread,
-                automatic=False,
-                body=body,
-            )
+            intent = MailIntent(MailKind.STAFF_REPLY, t.requester, may_see_code, StaffReply(body))
+            await act.customer_mail(session, desk, intent, ticket=t, thread=thread, message=last)
             act.audit(session, "ticket.replied", ticket=t, actor="cli", chars=len(body))
             return t.requester
 
     recipient = run_job(ctx, work)
     click.echo(f"ticket {number}: reply to {recipient} queued")
+
+
+@ticket.command("resend-link")
+@click.argument("number", type=int)
+@click.pass_context
+def ticket_resend_link(ctx: click.Context, number: int) -> None:
+    """Mail a new authorization link to the ticket's requester; earlier links are spent."""
+
+    async def work(config, db):  # type: ignore[no-untyped-def]
+        from iqmaild.service import build_desk
+
+        desk = build_desk(config)
+        async with db.transaction() as session:
+            t = await _ticket(session, number)
+            if t.authorization == "authorized":
+                raise LookupError(f"ticket {number} is already authorized")
+            if not t.requester or not t.account_id:
+                raise LookupError(f"ticket {number} has no requester who could authorize it")
+            directory = await view_for(session, [t.requester])
+            if not directory.may_act(t.requester, t.account_id, t.service_id):
+                raise LookupError(f"{t.requester} may not act on ticket {number}")
+            await session.execute(
+                update(AuthToken)
+                .where(AuthToken.ticket_id == t.id, AuthToken.used_at.is_(None))
+                .values(used_at=utcnow())
+            )
+            last = await session.scalar(
+                select(Message)
+                .where(Message.ticket_id == t.id, Message.from_address == t.requester)
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
+            ids = message_ids(last.message_id) if last else []
+            intent = MailIntent(MailKind.AUTH_REQUEST, t.requester, False, AuthRequest())
+            thread = ThreadInfo(ids[0] if ids else "", (), None)
+            # An operator's decision: no rate limit stands in its way.
+            await act.issue_link(
+                session, desk, intent, ticket=t, thread=thread, message=last, check_limits=False
+            )
+            act.audit(session, "authlink.reissued", ticket=t, actor="cli")
+            return t.requester
+
+    recipient = run_job(ctx, work)
+    click.echo(f"ticket {number}: new link to {recipient} queued; earlier links no longer work")
 
 
 @main.group()
@@ -253,11 +293,14 @@ def outbox_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> No
 @click.argument("ids", nargs=-1, type=int)
 @click.pass_context
 def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
-    """Queue failed mail again (all failed rows, or the given ids)."""
+    """Queue failed mail again (all failed rows, or the given ids).
+
+    A link mail that failed for good is blanked and its link spent: use
+    `ticket resend-link N` for a new one.
+    """
 
     async def work(config, db):  # type: ignore[no-untyped-def]
         async with db.transaction() as session:
-            # Links are blanked once they fail for good: those rows cannot be resent.
             query = update(OutboxItem).where(
                 OutboxItem.state == "failed", func.length(OutboxItem.content) > 0
             )

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from iqmaild.core.tag import TagMatch
-from iqmaild.core.vocabulary import Channel, Role
+from iqmaild.core.vocabulary import Channel, MailKind, Role
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,14 @@ class MessageFacts:
     dmarc_fail: bool = False  # from a trusted Authentication-Results header
     panel_account_id: str | None = None  # the Customer Panel names the account
     panel_service_id: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()  # (lowercased name, decoded value)
+    # (lowercased name, decoded value) of every header a rule reads (admin markers)
+    headers: tuple[tuple[str, str], ...] = ()
+    # To/Cc entries that could not be read whole or normalized: they count as
+    # participants without a grant (fail closed), shown as cleaned text.
+    recipients_unreadable: tuple[str, ...] = ()
+    own_mail: bool = False  # our own signed mark came back as incoming mail
+    hops: int = 0  # Received headers
+    returned_outbox_id: int | None = None  # sent to our signed envelope sender of that row
 
     @property
     def sender(self) -> str | None:
@@ -105,6 +112,16 @@ class TicketView:
     service_id: str | None
     closed: bool = False
     authorized: bool = False
+    requester: str | None = None  # who opened it
+    primary: str | None = None  # the account's primary address
+
+
+@dataclass(frozen=True)
+class ReturnedView:
+    """The outbox row a returned message (bounce, delay report) is about."""
+
+    kind: MailKind
+    reported: bool  # staff already got a copy of a report about this row
 
 
 @dataclass(frozen=True)
@@ -116,3 +133,4 @@ class PolicyConfig:
     admin_senders: frozenset[str] = frozenset()
     dmarc_enforce: bool = False
     notify_unknown_senders: bool = True
+    max_hops: int = 30  # more Received headers than this: a routing loop

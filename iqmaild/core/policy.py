@@ -15,9 +15,24 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from iqmaild.core.addresses import local_part
-from iqmaild.core.facts import DirectoryView, MessageFacts, PolicyConfig, TicketView
+from iqmaild.core.facts import (
+    DirectoryView,
+    MessageFacts,
+    PolicyConfig,
+    ReturnedView,
+    TicketView,
+)
+from iqmaild.core.mail import (
+    Acknowledgement,
+    AuthRequest,
+    CodeChanged,
+    MailIntent,
+    Notice,
+    Refusal,
+    StaffCopy,
+)
 from iqmaild.core.tag import code_matches
-from iqmaild.core.vocabulary import Channel, Decision, Reason, Role
+from iqmaild.core.vocabulary import Channel, Decision, MailKind, Reason, Role
 
 DAEMON_LOCAL_PARTS = frozenset({"mailer-daemon", "postmaster"})
 BULK_PRECEDENCE = frozenset({"bulk", "junk", "list"})
@@ -27,20 +42,6 @@ class TicketAction(StrEnum):
     NEW = "new"  # a new ticket gets its number and code at once, whatever the decision
     ATTACH = "attach"  # filed under an existing ticket
     NONE = "none"  # ignored mail that names no ticket
-
-
-class ActionKind(StrEnum):
-    AUTH_LINK = "auth_link"
-    NOTICE = "notice"
-    ACKNOWLEDGEMENT = "acknowledgement"
-    STAFF = "staff"
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: ActionKind
-    recipient: str | None = None  # None: the staff address
-    include_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ class Verdict:
     ticket: TicketAction
     ticket_number: int | None  # the existing ticket for ATTACH
     reopen: bool
-    authorizes_ticket: bool
     unshared: tuple[str, ...]
-    actions: tuple[Action, ...]
+    mails: tuple[MailIntent, ...]
+    # The message carried the ticket's valid code to someone who may not act on
+    # the ticket: the ticket gets a new code, mailed only to eligible addresses.
+    rotate_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Situation:
     directory: DirectoryView
     ticket: TicketView | None  # the ticket the message is attached to
     config: PolicyConfig
+    returned: ReturnedView | None
     sender: str | None
     account_id: str | None
     service_id: str | None
@@ -120,6 +124,11 @@ def _code_mismatch(s: Situation) -> bool:
     return not code_matches(s.ticket.code, tag.code)
 
 
+def _code_valid(s: Situation) -> bool:
+    tag = s.facts.tag
+    return s.ticket is not None and tag is not None and code_matches(s.ticket.code, tag.code)
+
+
 def _sender_has(role: Role) -> Callable[[Situation], bool]:
     def check(s: Situation) -> bool:
         return s.sender is not None and not s.sender_eligible and s.sender_role is role
@@ -139,8 +148,12 @@ def _ambiguous(s: Situation) -> bool:
     return s.sender is not None and s.account_id is None and len(s.candidate_accounts) > 1
 
 
-# Loop signals: the message is stored and shown to staff, never answered.
+# Loop signals: the message is stored, never answered. Mail of our own that came
+# back and routing loops are not even copied to staff (the copy would loop too).
 LOOP_RULES: tuple[Rule, ...] = (
+    Rule("returned_mail", Reason.BOUNCE, lambda s: s.facts.returned_outbox_id is not None),
+    Rule("own_mail_returned", Reason.AUTO_SUBMITTED, lambda s: s.facts.own_mail),
+    Rule("hop_limit", Reason.AUTO_SUBMITTED, lambda s: s.facts.hops > s.config.max_hops),
     Rule("null_return_path", Reason.BOUNCE, lambda s: s.facts.null_return_path),
     Rule("delivery_report", Reason.BOUNCE, lambda s: s.facts.delivery_report),
     Rule("daemon_sender", Reason.BOUNCE, _daemon_sender),
@@ -191,6 +204,7 @@ def situate(
     directory: DirectoryView,
     ticket: TicketView | None,
     config: PolicyConfig,
+    returned: ReturnedView | None = None,
 ) -> Situation:
     """Derive sender, account, service and participants once for all rules."""
     sender = facts.sender
@@ -225,11 +239,14 @@ def situate(
             and r != sender
             and not directory.may_act(r, account_id, service_id)
         )
+        # A recipient we could not read whole may be anyone: fail closed.
+        unshared += tuple(dict.fromkeys(facts.recipients_unreadable))
     return Situation(
         facts,
         directory,
         ticket,
         config,
+        returned,
         sender,
         account_id,
         service_id,
@@ -240,46 +257,103 @@ def situate(
     )
 
 
+NO_STAFF_COPY = frozenset({"own_mail_returned", "hop_limit"})
+
+
 def classify(
     facts: MessageFacts,
     directory: DirectoryView,
     ticket: TicketView | None,
     config: PolicyConfig,
+    returned: ReturnedView | None = None,
 ) -> Verdict:
-    """Decide one message. ``ticket`` is the ticket its tag or thread reference names."""
-    s = situate(facts, directory, ticket, config)
+    """Decide one message.
+
+    ``ticket`` is the ticket its tag or thread reference names (for returned
+    mail: the ticket of the outbox row); ``returned`` the outbox row a report
+    sent to our signed envelope sender is about.
+    """
+    s = situate(facts, directory, ticket, config, returned)
     loop_hits = [rule for rule in LOOP_RULES if rule.hits(s)]
     if loop_hits:
-        return _verdict(
-            s,
-            Decision.IGNORED,
-            loop_hits,
-            TicketAction.ATTACH if ticket else TicketAction.NONE,
-            (Action(ActionKind.STAFF),),
-        )
-    actions: tuple[Action, ...]
+        return _loop_verdict(s, loop_hits)
     if facts.channel is Channel.PANEL:
-        actions = (Action(ActionKind.STAFF),)
         # The acknowledgement carries the code: only to a sender who may act on
         # the ticket (the panel writes as the account's primary address).
+        answers: list[MailIntent] = []
         if s.sender and s.sender_eligible:
-            actions += (Action(ActionKind.ACKNOWLEDGEMENT, s.sender, include_code=True),)
-        return _verdict(s, Decision.AUTHORIZED, [], TicketAction.NEW, actions)
+            answers.append(
+                MailIntent(MailKind.ACKNOWLEDGEMENT, s.sender, True, Acknowledgement("panel"))
+            )
+        return _verdict(s, Decision.AUTHORIZED, [], TicketAction.NEW, answers)
 
     hits = [rule for rule in AUTHORIZATION_RULES if rule.hits(s)]
     ticket_action = TicketAction.ATTACH if ticket else TicketAction.NEW
+    leaked = _code_valid(s) and (not s.sender_eligible or bool(s.unshared))
     if hits:
-        actions = (Action(ActionKind.STAFF),)
-        if s.sender and (config.notify_unknown_senders or directory.knows(s.sender)):
-            actions += (Action(ActionKind.NOTICE, s.sender, include_code=s.sender_eligible),)
-        return _verdict(s, Decision.UNAUTHORIZED, hits, ticket_action, actions)
+        return _verdict(
+            s, Decision.UNAUTHORIZED, hits, ticket_action, _answers(s, hits, leaked), leaked
+        )
     if ticket is not None:
-        return _verdict(s, Decision.AUTHORIZED, [], ticket_action, (Action(ActionKind.STAFF),))
-    actions = (
-        Action(ActionKind.STAFF),
-        Action(ActionKind.AUTH_LINK, s.sender, include_code=True),
+        # The code is only ever mailed once the ticket is authorized, so only then
+        # does it prove anything; a pending ticket waits for the click.
+        decision = Decision.AUTHORIZED if ticket.authorized else Decision.PENDING
+        return _verdict(s, decision, [], ticket_action, [])
+    # The link names the ticket without its code: a reply to it (an auto-responder
+    # quoting it) carries nothing that authorizes.
+    link = MailIntent(MailKind.AUTH_REQUEST, s.sender, False, AuthRequest())
+    return _verdict(s, Decision.PENDING, [], ticket_action, [link])
+
+
+def _reasons(hits: list[Rule]) -> tuple[Reason, ...]:
+    return tuple(dict.fromkeys(rule.reason for rule in hits))
+
+
+def _unshared(s: Situation, hits: list[Rule]) -> tuple[str, ...]:
+    if Reason.UNSHARED_CC not in _reasons(hits):
+        return ()
+    if s.sender and any(rule.name == "unshared_sender" for rule in hits):
+        return (s.sender, *s.unshared)
+    return s.unshared
+
+
+def _answers(s: Situation, hits: list[Rule], leaked: bool) -> list[MailIntent]:
+    """What an unauthorized message's sender (and, after a leak, the owner) is told."""
+    out: list[MailIntent] = []
+    sender = s.sender
+    reasons = tuple(r.value for r in _reasons(hits))
+    authorized = s.ticket is not None and s.ticket.authorized
+    if sender and (s.config.notify_unknown_senders or s.directory.knows(sender)):
+        if s.sender_eligible:
+            # Their own ticket: named, with its (after a leak: new) code once authorized.
+            notice = Notice(reasons, _unshared(s, hits), authorized, leaked)
+            out.append(MailIntent(MailKind.NOTICE, sender, authorized, notice))
+        else:
+            out.append(MailIntent(MailKind.REFUSAL, sender, False, Refusal(reasons)))
+    if leaked and authorized and not s.sender_eligible and s.ticket and s.account_id:
+        for contact in (s.ticket.requester, s.ticket.primary):
+            if contact and s.directory.may_act(contact, s.account_id, s.service_id):
+                out.append(MailIntent(MailKind.CODE_CHANGED, contact, True, CodeChanged()))
+                break
+    return out
+
+
+def _loop_verdict(s: Situation, hits: list[Rule]) -> Verdict:
+    names = {rule.name for rule in hits}
+    copy = not names & NO_STAFF_COPY
+    if s.returned is not None and (s.returned.kind is MailKind.STAFF or s.returned.reported):
+        copy = False  # a report about a staff copy, or one already shown: never again
+    # A mailing list that carries the valid code has spread it beyond the ticket.
+    leaked = s.facts.list_id and _code_valid(s)
+    return _verdict(
+        s,
+        Decision.IGNORED,
+        hits,
+        TicketAction.ATTACH if s.ticket else TicketAction.NONE,
+        [],
+        leaked,
+        staff_copy=copy,
     )
-    return _verdict(s, Decision.PENDING, [], ticket_action, actions)
 
 
 def _verdict(
@@ -287,13 +361,24 @@ def _verdict(
     decision: Decision,
     hits: list[Rule],
     ticket_action: TicketAction,
-    actions: tuple[Action, ...],
+    answers: list[MailIntent],
+    rotate_code: bool = False,
+    *,
+    staff_copy: bool = True,
 ) -> Verdict:
-    reasons = tuple(dict.fromkeys(rule.reason for rule in hits))
-    unshared = s.unshared
-    if s.sender and any(rule.name == "unshared_sender" for rule in hits):
-        unshared = (s.sender, *unshared)
+    """The verdict; staff get every message first (unless it is our own mail come back)."""
+    reasons = _reasons(hits)
     attached = ticket_action is TicketAction.ATTACH and s.ticket is not None
+    staff = MailIntent(
+        MailKind.STAFF,
+        None,
+        False,
+        StaffCopy(
+            decision.value,
+            tuple(r.value for r in reasons),
+            s.sender_role.value if s.sender_role else None,
+        ),
+    )
     return Verdict(
         decision=decision,
         reasons=reasons,
@@ -306,9 +391,7 @@ def _verdict(
         ticket_number=s.ticket.number if attached and s.ticket else None,
         # Only an authorized follow-up reopens: a guessed number must not reopen tickets.
         reopen=bool(attached and s.ticket and s.ticket.closed and decision is Decision.AUTHORIZED),
-        authorizes_ticket=bool(
-            attached and s.ticket and not s.ticket.authorized and decision is Decision.AUTHORIZED
-        ),
-        unshared=unshared if Reason.UNSHARED_CC in reasons else (),
-        actions=actions,
+        unshared=_unshared(s, hits),
+        mails=((staff,) if staff_copy else ()) + tuple(answers),
+        rotate_code=rotate_code,
     )

@@ -25,13 +25,30 @@ def _signature(key: bytes, number: int, unique: str) -> str:
 
 
 def make_message_id(key: bytes, number: int | None, unique: str, domain: str) -> str:
-    """A Message-ID of our domain; with a ticket number it carries a signed reference."""
-    if number is None:
-        return f"<iq.{unique}@{domain}>"
+    """A signed Message-ID of our domain; with a ticket number it names the ticket.
+
+    Without one (mail that must not thread with a ticket) the number is 0, which
+    names nothing but still lets us recognise the id as ours when it comes back.
+    """
+    number = number or 0
     unique = unique.lower()  # the finder checks the signature of the lowercased form
-    if number <= 0 or not _UNIQUE.fullmatch(unique):
-        raise ValueError("a signed reference needs a positive number and 6-40 [0-9a-z]")
+    if number < 0 or not _UNIQUE.fullmatch(unique):
+        raise ValueError("a signed reference needs a number >= 0 and 6-40 [0-9a-z]")
     return f"<iq.{number}.{unique}.{_signature(key, number, unique)}@{domain}>"
+
+
+def _valid(key: bytes, domain: str, match: re.Match[str]) -> int | None:
+    number, unique, sig, ref_domain = match.groups()
+    if ref_domain.lower() != domain.lower():
+        return None
+    expected = _signature(key, int(number), unique.lower())
+    return int(number) if hmac.compare_digest(expected, sig.lower()) else None
+
+
+def is_ours(key: bytes, domain: str, message_id: str) -> bool:
+    """A Message-ID we made (with or without a ticket reference)."""
+    match = _REF.fullmatch(message_id.strip())
+    return match is not None and _valid(key, domain, match) is not None
 
 
 def find_ticket_reference(key: bytes, domain: str, *headers: str) -> int | None:
@@ -42,10 +59,7 @@ def find_ticket_reference(key: bytes, domain: str, *headers: str) -> int | None:
     """
     for header in headers:
         for match in reversed(list(_REF.finditer(header or ""))):
-            number, unique, sig, ref_domain = match.groups()
-            if ref_domain.lower() != domain.lower():
-                continue
-            expected = _signature(key, int(number), unique.lower())
-            if hmac.compare_digest(expected, sig.lower()):
-                return int(number)
+            number = _valid(key, domain, match)
+            if number:  # 0: ours, but about no ticket
+                return number
     return None

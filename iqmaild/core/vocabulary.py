@@ -49,6 +49,29 @@ class Channel(StrEnum):
     PANEL = "panel"
 
 
+class MailKind(StrEnum):
+    """Every mail the daemon sends; also the outbox kind and the template name."""
+
+    AUTH_REQUEST = "auth_request"  # the link; names the ticket without its code
+    ACKNOWLEDGEMENT = "acknowledgement"  # after the click or from the panel: carries the code
+    NOTICE = "notice"  # to a sender who may act on the ticket: why it was not accepted
+    REFUSAL = "refusal"  # to anyone else: reveals nothing of the ticket
+    CODE_CHANGED = "code_changed"  # the code reached someone not eligible: here is a new one
+    STAFF = "staff"  # the message as received, with the verdict in X-IQ-* headers
+    STAFF_REPLY = "staff_reply"  # a desk operator's answer (CLI/API)
+
+
+AUTOMATIC_MAIL = frozenset(
+    {
+        MailKind.AUTH_REQUEST,
+        MailKind.ACKNOWLEDGEMENT,
+        MailKind.NOTICE,
+        MailKind.REFUSAL,
+        MailKind.CODE_CHANGED,
+    }
+)
+
+
 class TicketState(StrEnum):
     OPEN = "open"
     CLOSED = "closed"

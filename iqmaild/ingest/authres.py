@@ -8,16 +8,15 @@ MTA prepended.
 from __future__ import annotations
 
 import re
-from email.message import EmailMessage
 
-from iqmaild.ingest.headers import all_headers, as_text
+from iqmaild.ingest.headers import Fields, as_text
 
 
-def dmarc_failed(msg: EmailMessage, trusted: frozenset[str], from_domain: str) -> bool:
+def dmarc_failed(fields: Fields, trusted: frozenset[str], from_domain: str) -> bool:
     """DMARC failure reported by the first Authentication-Results of a trusted host."""
     if not trusted or not from_domain:
         return False
-    for value in all_headers(msg, "authentication-results"):
+    for value in fields.parsed("authentication-results"):
         text = as_text(value)
         authserv = text.split(";", 1)[0].strip().split()[0].lower() if text else ""
         if authserv not in trusted:

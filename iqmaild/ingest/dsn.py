@@ -1,45 +1,29 @@
-"""Delivery status notifications (RFC 3464): which recipients failed for good."""
+"""Delivery status notifications (RFC 3464): which recipients failed, for good or not yet."""
 
 from __future__ import annotations
 
-import email
-import re
-from email import policy
+from dataclasses import dataclass
+from email.message import EmailMessage
 
 from iqmaild.core.addresses import normalize
 
-_MSGID = re.compile(r"^message-id:\s*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    failed: tuple[tuple[str, str], ...] = ()  # (address, status) with Action failed / 5.x.x
+    delayed: tuple[str, ...] = ()  # addresses with Action delayed (a warning, not a failure)
 
 
-def returned_message_id(raw: bytes) -> str | None:
-    """The Message-ID of the returned message, from the report's headers part."""
+def read_report(msg: EmailMessage) -> DeliveryReport | None:
+    """The per-recipient blocks of a delivery-status report, or None when there are none."""
+    failed: list[tuple[str, str]] = []
+    delayed: list[str] = []
+    found = False
     try:
-        msg = email.message_from_bytes(raw, policy=policy.default)
-        for part in msg.walk():
-            ctype = part.get_content_type()
-            if ctype == "text/rfc822-headers":
-                text = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
-            elif ctype == "message/rfc822":
-                inner = part.get_payload()
-                text = "".join(f"{k}: {v}\n" for k, v in inner[0].items()) if inner else ""
-            else:
-                continue
-            match = _MSGID.search(text)
-            if match:
-                return match.group(1)
-    except Exception:
-        return None
-    return None
-
-
-def permanent_failures(raw: bytes) -> list[tuple[str, str]]:
-    """(address, status) for every per-recipient block with Action: failed / 5.x.x."""
-    try:
-        msg = email.message_from_bytes(raw, policy=policy.default)
-        out: list[tuple[str, str]] = []
         for part in msg.walk():
             if part.get_content_type() != "message/delivery-status":
                 continue
+            found = True
             for block in part.get_payload() or []:
                 if not hasattr(block, "get"):
                     continue
@@ -49,8 +33,12 @@ def permanent_failures(raw: bytes) -> list[tuple[str, str]]:
                     block.get("final-recipient") or block.get("original-recipient") or ""
                 )
                 address = normalize(recipient.split(";", 1)[-1].strip())
-                if address and (action == "failed" or status.startswith("5")):
-                    out.append((address, status or "5.0.0"))
-        return out
+                if not address:
+                    continue
+                if action == "failed" or status.startswith("5"):
+                    failed.append((address, status or "5.0.0"))
+                elif action == "delayed":
+                    delayed.append(address)
     except Exception:
-        return []
+        return None
+    return DeliveryReport(tuple(failed[:50]), tuple(delayed[:50])) if found else None

@@ -1,57 +1,107 @@
-"""Header access that is bounded and never raises.
+"""The header section as an MTA reads it, with bounded, never-raising access.
+
+We split the header section ourselves instead of trusting the ``email``
+parser's view of it: that parser ends the headers at the first line it does
+not like (``Cc : x`` in obsolete syntax, a stray line), and everything after it
+would silently become body, including recipients a rule must see. Here every
+field up to the first empty line counts, with whitespace before the colon
+allowed as RFC 5322's obsolete syntax allows it.
 
 Header parsing in the standard library is superlinear in address count: one
 5 MB Cc would cost minutes of CPU. Every structured parse here sees at most
-`HEADER_PARSE_LIMIT` characters; an address header cut short is reported, so
-identity is never decided on a truncated From.
+`HEADER_PARSE_LIMIT` characters; callers learn when a value was cut.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from email import policy
-from email.message import Message
 from typing import Any
 
 HEADER_PARSE_LIMIT = 64 * 1024
+MAX_FIELDS = 10_000
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
+_LINE = re.compile(rb"\r\n|\n")
+_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]{1,200})[ \t]*:(.*)", re.DOTALL)
 _LINESEP = re.compile(r"\r\n|\r|\n")
 
 
-def raw_values(msg: Message, name: str) -> list[str]:
-    """The raw (folded, possibly 8-bit surrogate-escaped) values of header ``name``."""
-    try:
-        return [raw for key, raw in msg.raw_items() if key.lower() == name]
-    except Exception:
-        return []
+def split_head(raw: bytes) -> tuple[bytes, bytes]:
+    """(header section, body) at the first empty line; no empty line, no body."""
+    match = re.search(rb"(?:\r\n|\n)(?:\r\n|\n)", raw)
+    if match is None:
+        return raw, b""
+    return raw[: match.start()], raw[match.end() :]
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Every field of a header section: (lowercased name, raw folded value)."""
+
+    items: tuple[tuple[str, str], ...]
+    truncated: bool = False  # more than MAX_FIELDS fields: the rest were not read
+
+    @classmethod
+    def of(cls, raw: bytes) -> Fields:
+        head, _ = split_head(raw)
+        items: list[tuple[str, list[str]]] = []
+        truncated = False
+        for line in _LINE.split(head):
+            value = line.decode("ascii", "surrogateescape")  # as the email package reads bytes
+            if value[:1] in (" ", "\t"):
+                if items:
+                    items[-1][1].append(value)
+                continue
+            match = _FIELD.fullmatch(value)
+            if match is None:
+                continue  # not a field: neither ends the section nor hides what follows
+            if len(items) >= MAX_FIELDS:
+                truncated = True
+                break
+            items.append((match.group(1).lower(), [match.group(2)]))
+        return cls(tuple((name, "\r\n".join(parts)) for name, parts in items), truncated)
+
+    def raw(self, name: str) -> list[str]:
+        return [value for key, value in self.items if key == name]
+
+    def names(self) -> Iterator[str]:
+        return (key for key, _ in self.items)
+
+    def parsed(self, name: str) -> list[Any]:
+        """Every field ``name``, parsed (size-capped); one that cannot be parsed is left out."""
+        out: list[Any] = []
+        for raw in self.raw(name):
+            try:
+                out.append(parse_header(name, raw))
+            except Exception:
+                continue
+        return out
+
+    def count(self, name: str) -> int:
+        return sum(1 for key in self.names() if key == name)
+
+
+def unfold(raw: str) -> str:
+    return "".join(_LINESEP.split(raw))
 
 
 def too_long(raw: str) -> bool:
-    return len(raw) > HEADER_PARSE_LIMIT
+    return len(unfold(raw)) > HEADER_PARSE_LIMIT
 
 
 def parse_header(name: str, raw: str) -> Any:
     """A structured header from a raw value, unfolded and size-capped.
 
     Address lists are cut at a comma; callers that must not act on a cut list
-    (From, Sender) check `too_long` first.
+    check `too_long` first.
     """
-    value = "".join(_LINESEP.split(raw))
+    value = unfold(raw).lstrip(" \t")
     if len(value) > HEADER_PARSE_LIMIT:
         cut = value.rfind(",", 0, HEADER_PARSE_LIMIT) if name in ADDRESS_HEADERS else -1
         value = value[: cut if cut > 0 else HEADER_PARSE_LIMIT]
     return policy.default.header_factory(name, value)
-
-
-def all_headers(msg: Message, name: str) -> list[Any]:
-    """Every header ``name``, parsed; one that cannot be parsed is left out."""
-    out: list[Any] = []
-    for raw in raw_values(msg, name):
-        try:
-            out.append(parse_header(name, raw))
-        except Exception:
-            continue
-    return out
 
 
 def as_text(value: Any, limit: int = 4000) -> str:

@@ -1,8 +1,10 @@
 """Raw bytes to `MessageFacts`: the parser side of classification.
 
-Uses ``email.policy.default`` (never ``parseaddr``/``getaddresses``, which
-misparse crafted addresses, CVE-2023-27043) and treats every header access as
-fallible: bad input becomes defects and facts, never an exception.
+Header fields come from our own split of the header section (`headers.Fields`),
+MIME structure from ``email.policy.default`` (never ``parseaddr``/
+``getaddresses``, which misparse crafted addresses, CVE-2023-27043). Every
+access is fallible: bad input becomes defects and facts, never an exception,
+and a recipient that cannot be read whole counts against the sender.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ from email import policy
 from email.message import EmailMessage
 from typing import Any
 
-from iqmaild.core import threadref
+from iqmaild.core import loopmark, threadref, verp
 from iqmaild.core.addresses import domain_of, normalize
 from iqmaild.core.facts import MessageFacts
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.vocabulary import Channel
 from iqmaild.ingest.authres import dmarc_failed
+from iqmaild.ingest.dsn import DeliveryReport, read_report
 from iqmaild.ingest.headers import (
     HEADER_PARSE_LIMIT,
-    all_headers,
+    Fields,
     as_text,
     parse_header,
-    raw_values,
     too_long,
 )
 
@@ -39,6 +41,8 @@ _MSGID = re.compile(r"<([\x21-\x3b\x3d\x3f-\x7e]{1,250})>")  # ASCII only: never
 _THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
 _HEADER_VALUE_LIMIT = 2000
 STORED_HEADERS = ("from", "to", "cc", "reply-to", "sender", "subject", "date", "message-id")
+MAX_RECIPIENTS = 5000
+_TOKEN = r"([A-Za-z0-9_-]{20,100})"
 
 
 def clean_text(value: str, limit: int = _HEADER_VALUE_LIMIT) -> str:
@@ -62,6 +66,20 @@ def _utf8(text: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class ParseContext:
+    """What parsing needs from the configuration, built once at wiring."""
+
+    tags: TagFormat
+    key: bytes
+    msgid_domain: str
+    trusted_authserv_ids: frozenset[str] = frozenset()
+    wanted_headers: frozenset[str] = frozenset()  # headers a rule reads (admin markers)
+    return_path: str = ""  # base of our signed envelope senders ("" = none)
+    delimiter: str = "+"
+    link_prefix: str = ""  # public URL of authorization links, up to the token
+
+
+@dataclass(frozen=True)
 class ParsedMail:
     facts: MessageFacts
     message_id: str  # without angle brackets; "" when absent or unusable
@@ -70,6 +88,8 @@ class ParsedMail:
     subject: str
     headers: dict[str, str] = field(default_factory=dict)
     defects: tuple[str, ...] = ()
+    link_tokens: tuple[str, ...] = ()  # our authorization links found in the message
+    report: DeliveryReport | None = None  # a delivery status notification's verdicts
 
 
 def _safe_str(value: Any) -> str:
@@ -79,8 +99,8 @@ def _safe_str(value: Any) -> str:
         return ""
 
 
-def _first(msg: EmailMessage, name: str) -> str:
-    values = all_headers(msg, name)
+def _first(fields: Fields, name: str) -> str:
+    values = fields.parsed(name)
     return clean_text(_safe_str(values[0])) if values else ""
 
 
@@ -107,16 +127,16 @@ def _charsets(msg: EmailMessage) -> list[str]:
     return [*out, "cp1250"] if "cp1250" not in out else out
 
 
-def _display(msg: EmailMessage, name: str, charsets: list[str]) -> str:
+def _display(fields: Fields, name: str, charsets: list[str]) -> str:
     """Header text for people: like `_first`, but raw 8-bit read in ``charsets``.
 
     For display only (Subject, names); addresses always come from `_mailboxes`.
     """
-    value = _first(msg, name)
+    value = _first(fields, name)
     if "\ufffd" not in value:
         return value
     try:
-        raw = raw_values(msg, name)[0][:HEADER_PARSE_LIMIT]
+        raw = fields.raw(name)[0][:HEADER_PARSE_LIMIT]
         data = raw.encode("ascii", "surrogateescape")
         data.decode("utf-8")
         return value  # valid UTF-8: the replacement characters were sent as such
@@ -133,55 +153,76 @@ def _display(msg: EmailMessage, name: str, charsets: list[str]) -> str:
     return value
 
 
-# Decoding trouble in a display name is not a malformed address.
-_COSMETIC_DEFECTS = frozenset({"UndecodableBytesDefect", "CharsetError", "NonPrintableDefect"})
+# Decoding trouble in a display name is not a malformed address; RFC 6531 local
+# parts are legal (the email package still reports them as a defect).
+_COSMETIC_DEFECTS = frozenset(
+    {"UndecodableBytesDefect", "CharsetError", "NonPrintableDefect", "NonASCIILocalPartDefect"}
+)
+# In recipient lists, obsolete syntax (empty list elements, routes) loses no address.
+_COSMETIC_IN_LISTS = _COSMETIC_DEFECTS | {"ObsoleteHeaderDefect"}
 
 
-def _mailboxes(header: Any) -> tuple[list[str], bool]:
-    """Normalized addresses of an address header, and whether it is malformed."""
+def _mailboxes(
+    header: Any, cosmetic: frozenset[str] = _COSMETIC_DEFECTS
+) -> tuple[list[str], list[str], bool]:
+    """Normalized addresses of an address header, the entries that are not
+    addresses (as cleaned text), and whether the header is malformed."""
     defects = getattr(header, "defects", None) or ()
-    defective = any(type(d).__name__ not in _COSMETIC_DEFECTS for d in defects)
+    defective = any(type(d).__name__ not in cosmetic for d in defects)
     out: list[str] = []
+    bad: list[str] = []
     try:
         addresses = header.addresses
     except Exception:
-        return out, True
+        return out, bad, True
     for address in addresses:
         try:
             spec = _utf8(address.addr_spec)
         except Exception:
             spec = None
-        if spec is None:
-            defective = True
-            continue
-        norm = normalize(spec) if address.username and address.domain else None
+        norm = normalize(spec) if spec and address.username and address.domain else None
         if norm is None:
-            defective = True
+            bad.append(clean_text(_safe_str(spec or address), 120) or "(empty address)")
             continue
         out.append(norm)
-    return out, defective
+    return out, bad, defective
 
 
-def _from_addresses(msg: EmailMessage) -> tuple[tuple[str, ...], bool]:
-    raws = raw_values(msg, "from")
+def _from_addresses(fields: Fields) -> tuple[tuple[str, ...], bool]:
+    raws = fields.raw("from")
     if any(too_long(raw) for raw in raws):
         return (), True  # never decide identity on a From cut short
-    headers = all_headers(msg, "from")
-    if len(headers) != 1:
+    headers = fields.parsed("from")
+    if len(raws) != 1 or len(headers) != 1:
         return (), True
-    found, defective = _mailboxes(headers[0])
-    return tuple(found), defective or len(found) != 1
+    found, bad, defective = _mailboxes(headers[0])
+    return tuple(found), defective or bool(bad) or len(found) != 1
 
 
-def _recipients(msg: EmailMessage, limit: int = 5000) -> tuple[str, ...]:
+def _recipients(fields: Fields) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """To + Cc addresses, and what could not be read of them (fail closed)."""
     out: list[str] = []
+    unreadable: list[str] = []
+    if fields.truncated:
+        unreadable.append("(more header fields than could be read)")
     for name in ("to", "cc"):
-        for header in all_headers(msg, name):
-            found, _ = _mailboxes(header)
+        for raw in fields.raw(name):
+            if too_long(raw):
+                unreadable.append(f"({name} list longer than {HEADER_PARSE_LIMIT} characters)")
+            try:
+                header = parse_header(name, raw)
+            except Exception:
+                unreadable.append(f"(unreadable {name}: {clean_text(raw, 80)})")
+                continue
+            found, bad, defective = _mailboxes(header, _COSMETIC_IN_LISTS)
+            if defective:
+                unreadable.append(f"(malformed {name}: {clean_text(raw, 80)})")
+            unreadable.extend(bad)
             out.extend(found)
-            if len(out) >= limit:
-                return tuple(out[:limit])
-    return tuple(out)
+            if len(out) > MAX_RECIPIENTS:
+                unreadable.append(f"(more than {MAX_RECIPIENTS} recipients)")
+                return tuple(out[:MAX_RECIPIENTS]), tuple(unreadable[:20])
+    return tuple(out), tuple(dict.fromkeys(unreadable[:20]))
 
 
 def message_ids(value: str) -> list[str]:
@@ -219,77 +260,138 @@ def _embedded_headers(msg: EmailMessage) -> str:
     return ""
 
 
+def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
+    """Decoded text of the message's parts (nested messages too), bounded."""
+    out: list[str] = []
+    try:
+        for part in itertools.islice(msg.walk(), 200):
+            if part.get_content_maintype() != "text":
+                continue
+            payload = part.get_payload(decode=True) or b""
+            out.append(payload[:budget].decode("utf-8", "replace"))
+            budget -= len(payload)
+            if budget <= 0:
+                break
+    except Exception:
+        pass
+    return out
+
+
+def _link_tokens(raw: bytes, msg: EmailMessage, prefix: str) -> tuple[str, ...]:
+    """Tokens of our authorization links anywhere in the message (a returned link mail)."""
+    if not prefix:
+        return ()
+    pattern = re.compile(re.escape(prefix) + _TOKEN)
+    found: dict[str, None] = {}
+    for text in [raw[: 4 * 1024 * 1024].decode("ascii", "replace"), *_texts(msg)]:
+        for token in pattern.findall(text):
+            found.setdefault(token, None)
+    return tuple(itertools.islice(found, 20))
+
+
+def _own_mail(fields: Fields, key: bytes, domain: str, message_id: str) -> bool:
+    """Our signed loop mark or one of our own Message-IDs: our mail came back."""
+    if any(loopmark.is_ours(key, " ".join(raw.split())) for raw in fields.raw("x-iq-loop")):
+        return True
+    return bool(message_id) and threadref.is_ours(key, domain, f"<{message_id}>")
+
+
+def _returned_row(rcpt_to: list[str], ctx: ParseContext) -> int | None:
+    if not ctx.return_path:
+        return None
+    for address in rcpt_to:
+        norm = normalize(address)
+        if norm is not None:
+            row = verp.returned_row(ctx.key, norm, ctx.return_path, ctx.delimiter)
+            if row is not None:
+                return row
+    return None
+
+
 def parse_message(
     raw: bytes,
     *,
     mail_from: str,
-    tags: TagFormat,
-    key: bytes,
-    msgid_domain: str,
-    trusted_authserv_ids: frozenset[str] = frozenset(),
+    ctx: ParseContext,
+    rcpt_to: list[str] | None = None,
     channel: Channel = Channel.SMTP,
 ) -> ParsedMail:
     """Everything classification and threading need from one raw message."""
     msg: EmailMessage = email.message_from_bytes(raw, policy=policy.default)  # type: ignore[assignment]
+    fields = Fields.of(raw)
     defects = [type(d).__name__ for d in getattr(msg, "defects", [])]
-    from_addresses, from_defect = _from_addresses(msg)
+    from_addresses, from_defect = _from_addresses(fields)
     charsets = _charsets(msg)
-    subject = _display(msg, "subject", charsets)
-    in_reply_to = _first(msg, "in-reply-to")
-    references_text = " ".join(_safe_str(v) for v in all_headers(msg, "references"))
+    subject = _display(fields, "subject", charsets)
+    in_reply_to = _first(fields, "in-reply-to")
+    references_text = " ".join(_safe_str(v) for v in fields.parsed("references"))
     references = tuple(message_ids(references_text))[-50:]
-    ids = message_ids(_first(msg, "message-id"))
+    ids = message_ids(_first(fields, "message-id"))
     report = _report_type(msg)
-    tag = tags.find(subject)
-    thread_ticket = threadref.find_ticket_reference(key, msgid_domain, in_reply_to, references_text)
+    tag = ctx.tags.find(subject)
+    key, domain = ctx.key, ctx.msgid_domain
+    thread_ticket = threadref.find_ticket_reference(key, domain, in_reply_to, references_text)
     if report is not None and (tag is None and thread_ticket is None):
         embedded = _embedded_headers(msg)
-        thread_ticket = threadref.find_ticket_reference(key, msgid_domain, embedded)
-        tag = tags.find(clean_text(embedded, 20000))
-    auto_submitted = _first(msg, "auto-submitted").split(";", 1)[0].strip().lower() or None
-    precedence = _first(msg, "precedence").lower() or None
+        thread_ticket = threadref.find_ticket_reference(key, domain, embedded)
+        tag = ctx.tags.find(clean_text(embedded, 20000))
+    auto_submitted = _first(fields, "auto-submitted").split(";", 1)[0].strip().lower() or None
+    precedence = _first(fields, "precedence").lower() or None
     if precedence == "auto_reply" and auto_submitted is None:
         auto_submitted = "auto-replied"
-    autoreply = any(
-        all_headers(msg, h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder")
-    )
+    autoreply = any(fields.raw(h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder"))
     sender = from_addresses[0] if len(from_addresses) == 1 and not from_defect else ""
-    header_pairs = []
-    for name, raw in itertools.islice(msg.raw_items(), 200):
-        if name.lower() in ("to", "cc", "bcc"):
-            continue  # recipient lists are facts of their own (and the large ones)
-        try:
-            value = parse_header(name.lower(), raw[:HEADER_PARSE_LIMIT])
-        except Exception:
-            continue
-        header_pairs.append((name.lower(), clean_text(_safe_str(value))))
+    recipients, unreadable = _recipients(fields)
+    message_id = ids[0] if ids else ""
     facts = MessageFacts(
         channel=channel,
         from_addresses=from_addresses,
         from_defect=from_defect,
-        recipients=_recipients(msg),
+        recipients=recipients,
+        recipients_unreadable=unreadable,
         subject=subject,
         tag=tag,
         thread_ticket=thread_ticket,
         null_return_path=mail_from.strip() in ("", "<>"),
         auto_submitted=auto_submitted,
         precedence=precedence,
-        list_id=bool(all_headers(msg, "list-id")),
+        list_id=bool(fields.raw("list-id")),
         autoreply_headers=autoreply,
         delivery_report=report in ("delivery-status", "disposition-notification"),
-        dmarc_fail=dmarc_failed(msg, trusted_authserv_ids, domain_of(sender)),
-        headers=tuple(header_pairs),
+        dmarc_fail=dmarc_failed(fields, ctx.trusted_authserv_ids, domain_of(sender)),
+        headers=tuple(
+            (name, clean_text(_safe_str(value)))
+            for name in sorted(ctx.wanted_headers)
+            for value in _all_values(fields, name)
+        ),
+        own_mail=channel is not Channel.PANEL and _own_mail(fields, key, domain, message_id),
+        hops=fields.count("received"),
+        returned_outbox_id=_returned_row(rcpt_to or [], ctx),
     )
-    thread_index = _first(msg, "thread-index")
+    thread_index = _first(fields, "thread-index")
     return ParsedMail(
         facts=facts,
-        message_id=ids[0] if ids else "",
+        message_id=message_id,
         references=tuple(dict.fromkeys([*references, *message_ids(in_reply_to)])),
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
-        headers={h: _display(msg, h, charsets) for h in STORED_HEADERS if all_headers(msg, h)},
+        headers={h: _display(fields, h, charsets) for h in STORED_HEADERS if fields.raw(h)},
         defects=tuple(defects),
+        link_tokens=_link_tokens(raw, msg, ctx.link_prefix),
+        report=read_report(msg) if report == "delivery-status" else None,
     )
+
+
+def _all_values(fields: Fields, name: str) -> list[Any]:
+    """Parsed values, or the raw text where a value does not parse: a marker a rule
+    looks for must never disappear because its header is malformed."""
+    out: list[Any] = []
+    for raw in fields.raw(name):
+        try:
+            out.append(parse_header(name, raw))
+        except Exception:
+            out.append(raw[:HEADER_PARSE_LIMIT])
+    return out
 
 
 def body_preview(raw: bytes, limit: int = 4000) -> str:

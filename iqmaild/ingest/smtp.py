@@ -1,22 +1,58 @@
 """The SMTP/LMTP listener: accepts mail for the desk, 250 only after the commit.
 
 Created in the daemon's own loop (``loop.create_server``), not with aiosmtpd's
-threaded Controller. Internal faults answer 451 4.3.0, never 5xx: a 5xx after
-Postfix queued the mail would bounce to a possibly forged sender.
+threaded Controller. Internal faults answer 4xx, never 5xx: a 5xx after
+Postfix queued the mail would bounce to a possibly forged sender. Concurrent
+sessions and the message bytes held in memory are capped; beyond the caps the
+MTA is told to come back later (421/452), so it keeps the mail queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from iqmaild.config import Config, split_host_port
-from iqmaild.core.addresses import normalize
+from iqmaild.core import verp
+from iqmaild.core.addresses import normalize, split_extension
 from iqmaild.ingest.store import GroupCommitter, Incoming
 from iqmaild.metrics import Metrics
+
+_SIZE = re.compile(r"^SIZE=(\d{1,15})$", re.IGNORECASE)
+
+
+def wire_text(value: str | None) -> str:
+    """Envelope text from the wire: bytes that are not UTF-8 become visible escapes,
+    so one bad address can neither fail a commit nor be stored ambiguously."""
+    text = value or ""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Limits:
+    """Shared by every session of one listener: open sessions and bytes in memory."""
+
+    def __init__(self, max_sessions: int, max_bytes: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
+        self.sessions = 0
+        self.bytes = 0
+
+    def reserve(self, amount: int) -> bool:
+        if self.bytes and self.bytes + amount > self.max_bytes:
+            return False  # one message alone may always use the whole budget
+        self.bytes += amount
+        return True
+
+    def release(self, amount: int) -> None:
+        self.bytes = max(0, self.bytes - amount)
 
 
 class DeskHandler:
@@ -26,12 +62,31 @@ class DeskHandler:
         self, config: Config, committer: GroupCommitter, log: Any, metrics: Metrics
     ) -> None:
         self.desk = frozenset(config.smtp.desk_addresses)
+        self.delimiter = config.smtp.recipient_delimiter
+        self.return_path = config.return_path_base
+        self.key = config.key
         self.max_size = config.smtp.max_message_size
         self.max_recipients = config.smtp.max_recipients
         self.lmtp = config.smtp.protocol == "lmtp"
         self.committer = committer
         self.log = log
         self.metrics = metrics
+
+    def recipient_reply(self, address: str) -> str | None:
+        """None when the address is the desk's (or our signed envelope sender)."""
+        norm = normalize(wire_text(address))
+        if norm is None:
+            return "553 5.1.3 Recipient address syntax is not valid"
+        if norm in self.desk:
+            return None
+        if verp.returned_row(self.key, norm, self.return_path, self.delimiter) is not None:
+            return None  # a report about mail we sent
+        base, extension = split_extension(norm, self.delimiter)
+        if base == self.return_path and extension.startswith("bounce-"):
+            return "550 5.1.1 Recipient address rejected: unknown return address"
+        if base in self.desk:
+            return None  # a sub-address of the desk: the extension stays in rcpt_to
+        return "550 5.1.1 Recipient address rejected: not a desk address"
 
     async def handle_RCPT(
         self,
@@ -41,9 +96,10 @@ class DeskHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if normalize(address) not in self.desk:
+        refused = self.recipient_reply(address)
+        if refused is not None:
             self.metrics.inc("smtp_rejected_total", reason="recipient")
-            return "550 5.1.1 Recipient address rejected: not a desk address"
+            return refused
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -60,10 +116,10 @@ class DeskHandler:
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         item = Incoming(
             raw=raw,
-            mail_from=envelope.mail_from or "",
-            rcpt_to=list(envelope.rcpt_tos),
+            mail_from=wire_text(envelope.mail_from),
+            rcpt_to=[wire_text(r) for r in envelope.rcpt_tos],
             channel="smtp",
-            peer=str(peer),
+            peer=wire_text(str(peer)),
         )
         try:
             stored = await self.committer.store(item)
@@ -89,14 +145,87 @@ class DeskHandler:
         return "\r\n".join([status] * max(1, len(envelope.rcpt_tos)))
 
 
-class _LongLinesSMTP(SMTP):
-    """Real mail has lines over RFC 5322's 998 (Postfix passes them): keep them."""
+class _DeskSMTP(SMTP):
+    """aiosmtpd's SMTP with our caps, and real mail's long lines kept.
+
+    Real mail has lines over RFC 5322's 998 (Postfix passes them). A session
+    beyond ``max_sessions`` gets 421 before any command; DATA that would take
+    the bytes held in memory beyond ``max_bytes`` gets 452, and the MTA retries.
+    """
 
     line_length_limit = 1 << 20
+    wrong_greeting = "LHLO"  # what an LMTP client sends to an SMTP listener
+
+    def __init__(self, handler: DeskHandler, limits: Limits, log: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self.log = log
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and self.limits.sessions >= self.limits.max_sessions:
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        if self.transport is None:
+            self.limits.sessions += 1
+            self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._counted:
+            return  # refused in connection_made: aiosmtpd never saw it
+        self._counted = False
+        self.limits.sessions -= 1
+        super().connection_lost(error)
+
+    def _declared_size(self) -> int:
+        limit = self.data_size_limit or 0
+        for option in getattr(self.envelope, "mail_options", None) or ():
+            match = _SIZE.match(option)
+            if match:
+                return min(int(match.group(1)), limit) if limit else int(match.group(1))
+        return limit
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd holds the lines and their join: about twice the size.
+        reserved = 2 * max(self._declared_size(), 64 * 1024)
+        if not self.limits.reserve(reserved):
+            await self.push("452 4.3.1 Insufficient system resources, try again later")
+            return
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.limits.release(reserved)
+
+    async def _refuse_protocol(self, command: str) -> None:
+        """The MTA speaks the other protocol: defer (4xx), never bounce customer mail."""
+        mine = "LMTP" if isinstance(self, LMTP) else "SMTP"
+        self.log.error(
+            "smtp.protocol_mismatch",
+            listener=mine,
+            command=command,
+            hint="set smtp.protocol to match the MTA's transport (smtp: or lmtp:)",
+        )
+        await self.push(f"421 4.3.5 This is an {mine} listener, {command} is not {mine}")
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_LHLO(self, arg: str) -> None:
+        await self._refuse_protocol("LHLO")
 
 
-class _LongLinesLMTP(LMTP):
-    line_length_limit = 1 << 20
+class _DeskLMTP(LMTP, _DeskSMTP):
+    async def smtp_LHLO(self, arg: str) -> None:
+        await LMTP.smtp_LHLO(self, arg)
+
+    async def smtp_HELO(self, arg: str) -> None:
+        await self._refuse_protocol("HELO")
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        await self._refuse_protocol("EHLO")
 
     async def push(self, status: str) -> None:
         """aiosmtpd's own DATA errors come once; LMTP needs one per recipient."""
@@ -107,23 +236,27 @@ class _LongLinesLMTP(LMTP):
 
 
 async def start_listener(
-    config: Config, handler: DeskHandler
-) -> tuple[asyncio.AbstractServer, int]:
+    config: Config, handler: DeskHandler, log: Any
+) -> tuple[asyncio.AbstractServer, int, Limits]:
     host, port = split_host_port(config.smtp.listen)
-    protocol = _LongLinesLMTP if config.smtp.protocol == "lmtp" else _LongLinesSMTP
+    protocol = _DeskLMTP if config.smtp.protocol == "lmtp" else _DeskSMTP
     loop = asyncio.get_running_loop()
+    limits = Limits(config.smtp.max_connections, config.smtp.max_inflight_bytes)
 
     def factory() -> SMTP:
         return protocol(
             handler,
+            limits,
+            log,
             hostname=config.smtp.hostname,
             ident="iqmaild",
             data_size_limit=config.smtp.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
+            timeout=config.smtp.idle_timeout,
             loop=loop,
         )
 
     server = await loop.create_server(factory, host=host, port=port)
     bound = server.sockets[0].getsockname()[1]
-    return server, bound
+    return server, bound, limits

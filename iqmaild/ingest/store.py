@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +64,10 @@ class GroupCommitter:
         self.on_commit = on_commit
         self.queue: asyncio.Queue[tuple[Incoming, asyncio.Future[Stored]]] = asyncio.Queue()
         self.batches = 0
+        # For /healthz: can intake commit? (monotonic times; failed_since None = fine)
+        self.last_attempt: float | None = None
+        self.last_success: float | None = None
+        self.failed_since: float | None = None
 
     async def store(self, item: Incoming) -> Stored:
         future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
@@ -80,17 +85,34 @@ class GroupCommitter:
             try:
                 results = await self._commit([item for item, _ in live])
             except Exception as exc:
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                if len(live) == 1:
+                    _settle(live[0][1], exc)
+                    continue
+                # One bad message must not fail its neighbours: each alone, once.
+                for item, fut in live:
+                    try:
+                        _settle(fut, (await self._commit([item]))[0])
+                    except Exception as single:
+                        _settle(fut, single)
+                self.on_commit()
                 continue
             self.batches += 1
             for (_, fut), result in zip(live, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+                _settle(fut, result)
             self.on_commit()
 
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
+        self.last_attempt = time.monotonic()
+        try:
+            stored = await self._insert(items)
+        except Exception:
+            self.failed_since = self.failed_since or time.monotonic()
+            raise
+        self.failed_since = None
+        self.last_success = time.monotonic()
+        return stored
+
+    async def _insert(self, items: list[Incoming]) -> list[Stored]:
         keys = [(item.sha256, item.message_id) for item in items]  # hash once per item
         async with self.db.transaction(priority="intake") as session:
             existing: dict[tuple[str, str], int] = {}
@@ -122,6 +144,7 @@ class GroupCommitter:
                         "defects": [],
                         "reasons": [],
                         "rules_hit": [],
+                        "suppressed": [],
                     }
             if new:
                 # One multi-row INSERT ... RETURNING: the ORM's per-object work
@@ -138,3 +161,12 @@ class GroupCommitter:
             out.append(Stored(existing[key], duplicate=key not in fresh))
             fresh.discard(key)
         return out
+
+
+def _settle(future: asyncio.Future[Stored], outcome: Stored | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

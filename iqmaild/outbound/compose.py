@@ -20,8 +20,9 @@ from email.utils import format_datetime
 from typing import Any
 
 from iqmaild.config import Config
-from iqmaild.core import threadref
+from iqmaild.core import loopmark, threadref
 from iqmaild.core.tag import TagFormat
+from iqmaild.core.vocabulary import MailKind
 from iqmaild.ingest.parse import clean_text
 from iqmaild.rendering import Renderer
 
@@ -80,21 +81,28 @@ class Composer:
         unique = secrets.token_hex(8)
         return threadref.make_message_id(self.config.key, ticket_number, unique, self.domain)
 
+    def loop_mark(self) -> str:
+        return loopmark.make_mark(self.config.key, secrets.token_hex(8))
+
     def customer_mail(
         self,
         *,
-        template: str,
+        kind: MailKind,
         lang: str,
-        ticket: TicketRef,
+        ticket: TicketRef | None,
         recipient: str,
         thread: ThreadInfo | None = None,
         automatic: bool = True,
         **ctx: Any,
     ) -> Composed:
-        """A templated mail about a ticket to one customer address."""
+        """A templated mail to one customer address.
+
+        ``ticket`` None: the mail must reveal nothing of any ticket (a refusal),
+        so it carries no tag and its Message-ID names no ticket.
+        """
         rendered = self.renderer.render_mail(
             lang,
-            template,
+            kind.value,
             ticket=ticket,
             recipient=recipient,
             desk_address=self.desk_address,
@@ -104,11 +112,13 @@ class Composer:
         msg = EmailMessage(policy=MAIL_POLICY)
         msg["From"] = self.config.outbound.from_
         msg["To"] = Address(addr_spec=recipient)
-        msg["Subject"] = clean_text(f"Re: {ticket.tag} {rendered.subject}", 900)
+        subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
+        msg["Subject"] = clean_text(subject, 900)
         msg["Date"] = format_datetime(_now(), usegmt=True)
-        message_id = self.new_message_id(ticket.number)
+        message_id = self.new_message_id(ticket.number if ticket else None)
         msg["Message-ID"] = message_id
-        self._thread_headers(msg, thread, ticket.subject)
+        msg[loopmark.HEADER] = self.loop_mark()
+        self._thread_headers(msg, thread, ticket.subject if ticket else "")
         if automatic:
             msg["Auto-Submitted"] = "auto-replied"
             msg["X-Auto-Response-Suppress"] = "All"
@@ -135,11 +145,6 @@ class Composer:
                 msg["Thread-Index"] = child
                 msg["Thread-Topic"] = clean_text(topic, 200)
 
-    @property
-    def envelope_from(self) -> str:
-        """Bounces of our mail come back to the desk, where they are parsed."""
-        return self.desk_address
-
     def staff_delivery(self, raw: bytes, verdict_headers: dict[str, str]) -> bytes:
         """The customer's message as received, with our verdict headers on top.
 
@@ -159,11 +164,55 @@ class Composer:
                 kept.append(_wrap(line, header=True))
         ours = b"".join(
             f"{name}: {_header_safe(value)}\r\n".encode("ascii", "replace")
-            for name, value in verdict_headers.items()
+            for name, value in {**verdict_headers, loopmark.HEADER: self.loop_mark()}.items()
         )
         if any(len(line) > SMTP_LINE_LIMIT for line in body.splitlines()):
             body = b"".join(_wrap(line, header=False) for line in body.splitlines(keepends=True))
         return ours + b"".join(kept) + sep + body
+
+    def staff_summary(self, staff_copy: bytes, preview: int = 20_000) -> bytes:
+        """A staff copy the relay refused as too large, without its attachments.
+
+        Our verdict headers and the customer's identifying headers stay; the
+        body says how large the original was and where to read it whole.
+        """
+        head, _, body = _split_head(staff_copy)
+        keep = ("x-iq-", "from:", "to:", "cc:", "subject:", "date:", "message-id:")
+        kept: list[bytes] = []
+        keeping = False
+        for line in head.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t"):
+                if keeping:
+                    kept.append(line)
+                continue
+            keeping = line.lower().startswith(tuple(k.encode() for k in keep))
+            if keeping:
+                kept.append(line)
+        number = next(
+            (
+                line.split(b":", 1)[1].strip().decode("ascii", "replace")
+                for line in kept
+                if line.lower().startswith(b"x-iq-message:")
+            ),
+            "?",
+        )
+        text = body[:preview].decode("utf-8", "replace")
+        note = (
+            f"The original message ({len(staff_copy)} bytes) was too large for the relay.\n"
+            f"Read it whole with: iqmaild message show {number} --raw\n\n"
+            f"The first {preview} bytes of its body, undecoded:\n\n{text}\n"
+        )
+        ours = (
+            f"X-IQ-Summary: original of {len(staff_copy)} bytes refused as too large\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n"
+        ).encode()
+        wrapped = b"".join(
+            _wrap(line, header=False)
+            for line in note.replace("\r\n", "\n").replace("\n", "\r\n").encode().splitlines(True)
+        )
+        return ours + b"".join(kept) + b"\r\n" + wrapped
 
 
 SMTP_LINE_LIMIT = 998

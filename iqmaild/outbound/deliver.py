@@ -1,9 +1,14 @@
 """The outbox sender: the only place that talks SMTP to the relay.
 
-Rows are claimed (``queued`` -> ``sending``), sent over one reused connection,
-and marked ``sent`` right after the relay accepts. 4xx and connection errors
-are retried with exponential backoff; 5xx is recorded as failed. Rows left in
-``sending`` by a crash are re-queued on start (at-least-once towards the relay).
+Rows are claimed (``queued`` -> ``sending``, a lease), sent over one reused
+connection with our signed envelope sender (VERP: a report names its row), and
+marked ``sent`` the moment the relay accepts, at intake priority, retried in
+memory until the mark commits: a row the relay took is never sent again by this
+instance. Retries back off; customer mail gives up after the queue lifetime
+(Postfix's 5 days by default; a link after its own validity), staff copies
+never (an operator acts, /healthz and the log say so). A 5xx for a recipient
+is final for customer mail and suppresses automatic mail to that address; a 5xx
+for the relay's own reasons (greeting, MAIL) is the relay's fault and retried.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -19,32 +25,48 @@ import aiosmtplib
 from sqlalchemy import or_, select, update
 
 from iqmaild.config import Config, split_host_port
+from iqmaild.core import verp
+from iqmaild.core.vocabulary import AUTOMATIC_MAIL, MailKind
 from iqmaild.metrics import Metrics
 from iqmaild.storage.db import Database
-from iqmaild.storage.models import OutboxItem, utcnow
+from iqmaild.storage.models import AuthToken, OutboxItem, Suppression, utcnow
 
 CLAIM_BATCH = 10
-# How long a claim holds: longer than the worst case of a batch (each mail two
-# attempts of several SMTP commands, each up to connect_timeout on a stuck relay).
+# How long a claim holds: longer than the worst case of a batch.
 LEASE_SECONDS = 1800
-# After sending, the link inside an auth request exists nowhere but the customer's mailbox.
-REDACT_AFTER_SEND = frozenset({"auth_request"})
+CUSTOMER_KINDS = frozenset(k.value for k in AUTOMATIC_MAIL | {MailKind.STAFF_REPLY})
 
 
 class TransientDelivery(Exception):
-    """Try again later: 4xx, connection refused, timeouts."""
+    """Try again later: 4xx, connection refused, timeouts, the relay's own 5xx."""
 
 
 class PermanentDelivery(Exception):
-    """The relay refused the mail for good (5xx)."""
+    """The relay refused this mail or its recipient for good (5xx)."""
+
+    def __init__(self, message: str, *, recipient: bool = False, size: bool = False) -> None:
+        super().__init__(message)
+        self.recipient = recipient  # refused at RCPT: the address itself
+        self.size = size  # too large (552 / 5.3.4)
+
+
+@dataclass
+class _Accepted:
+    """A row the relay accepted whose ``sent`` mark has not committed yet."""
+
+    item: OutboxItem
+    tries: int = 0
 
 
 class OutboxWorker:
-    def __init__(self, db: Database, config: Config, log: Any, metrics: Metrics) -> None:
+    def __init__(
+        self, db: Database, config: Config, log: Any, metrics: Metrics, composer: Any = None
+    ) -> None:
         self.db = db
         self.config = config
         self.log = log
         self.metrics = metrics
+        self.composer = composer  # for summaries of staff copies the relay finds too large
         self.wakeup = asyncio.Event()
         self._smtp: aiosmtplib.SMTP | None = None
         # Held while one row is on the wire: a graceful stop waits for it, so a row
@@ -53,6 +75,10 @@ class OutboxWorker:
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._last_lease_check = float("-inf")
         self._idle_since = 0.0
+        self._accepted: dict[int, _Accepted] = {}
+        # For /healthz: when the relay last took a mail, and the last failure.
+        self.last_relay_success: float | None = None
+        self.last_relay_failure: tuple[float, str] | None = None
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -99,6 +125,7 @@ class OutboxWorker:
 
     async def drain(self) -> int:
         """Send everything that is due now; returns how many rows were attempted."""
+        await self._finish_accepted()
         now = asyncio.get_running_loop().time()
         if now - self._last_lease_check > LEASE_SECONDS / 2:
             self._last_lease_check = now
@@ -114,8 +141,11 @@ class OutboxWorker:
                 async with self.delivering:
                     await self._deliver(item)
                 total += 1
+            await self._finish_accepted()
 
     async def _seconds_to_next_due(self) -> float:
+        if self._accepted:
+            return 0.5
         async with self.db.read() as session:
             due = await session.scalar(
                 select(OutboxItem.next_attempt_at)
@@ -150,15 +180,7 @@ class OutboxWorker:
         try:
             await self._send(item)
         except PermanentDelivery as exc:
-            await self._finish(item, "failed", str(exc))
-            self.log.warning(
-                "outbox.failed",
-                outbox=item.id,
-                kind=item.kind,
-                ticket_id=item.ticket_id,
-                error=str(exc)[:300],
-            )
-            self.metrics.inc("outbox_failed_total", kind=item.kind)
+            await self._refused(item, exc)
             return
         except TransientDelivery as exc:
             await self._defer(item, str(exc))
@@ -167,48 +189,79 @@ class OutboxWorker:
             await self._disconnect()
             await self._defer(item, f"{type(exc).__name__}: {exc}")
             return
-        await self._finish(item, "sent", None)
+        self.last_relay_success = asyncio.get_running_loop().time()
+        self._accepted[item.id] = _Accepted(item)
+        await self._finish_accepted()
         self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket_id=item.ticket_id)
-        if item.kind == "auth_request":
+        if item.kind == MailKind.AUTH_REQUEST.value:
             self.log.info("authlink.sent", outbox=item.id, ticket_id=item.ticket_id)
         self.metrics.inc("outbox_sent_total", kind=item.kind)
+
+    def envelope_sender(self, item: OutboxItem) -> str:
+        base = self.config.return_path_base
+        return verp.envelope_sender(
+            self.config.key, item.id, base, self.config.smtp.recipient_delimiter or "+"
+        )
 
     async def _send(self, item: OutboxItem) -> None:
         for attempt in (1, 2):  # a reused connection may have been closed by the relay
             smtp = await self._connection()
             try:
-                options = [] if (item.mail_from + item.recipient).isascii() else ["SMTPUTF8"]
-                errors, _ = await smtp.sendmail(
-                    item.mail_from, [item.recipient], item.content, mail_options=options
-                )
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                codes = [r.code for r in exc.recipients]
-                message = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-                if codes and all(c >= 500 for c in codes):
-                    raise PermanentDelivery(message) from None
-                raise TransientDelivery(message) from None
-            except aiosmtplib.SMTPResponseException as exc:
-                await self._disconnect()
-                if exc.code >= 500:
-                    raise PermanentDelivery(f"{exc.code} {exc.message}") from None
-                raise TransientDelivery(f"{exc.code} {exc.message}") from None
+                await self._transaction(smtp, item)
             except (
                 aiosmtplib.SMTPServerDisconnected,
                 aiosmtplib.SMTPConnectError,
-                aiosmtplib.SMTPTimeoutError,
                 OSError,
             ) as exc:
                 await self._disconnect()
                 if attempt == 2:
                     raise TransientDelivery(f"{type(exc).__name__}: {exc}") from None
                 continue
+            except aiosmtplib.SMTPTimeoutError as exc:
+                await self._disconnect()
+                raise TransientDelivery(f"timeout: {exc}") from None
             except aiosmtplib.SMTPException as exc:
                 await self._disconnect()
                 raise TransientDelivery(f"{type(exc).__name__}: {exc}") from None
-            if errors:
-                raise TransientDelivery(str(errors))
             self._idle_since = asyncio.get_running_loop().time()
             return
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, item: OutboxItem) -> None:
+        """MAIL, RCPT, DATA with their own timeouts (RFC 5321 §4.5.3.2: DATA's end, 10 min)."""
+        cfg = self.config.outbound
+        sender = self.envelope_sender(item)
+        utf8 = not (sender + item.recipient).isascii()
+        options = ["SMTPUTF8"] if utf8 else []
+        if smtp.supports_extension("dsn"):
+            options.append("RET=HDRS")  # a bounce must not carry a live link back to us
+        encoding = "utf-8" if utf8 else "ascii"
+        try:
+            await smtp.mail(sender, options=options, encoding=encoding, timeout=cfg.command_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset(smtp)
+            # The relay refuses us, not this mail: its problem, retried.
+            raise TransientDelivery(f"MAIL {exc.code} {exc.message}") from None
+        try:
+            await smtp.rcpt(item.recipient, encoding=encoding, timeout=cfg.command_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset(smtp)
+            if exc.code >= 500:
+                raise PermanentDelivery(f"RCPT {exc.code} {exc.message}", recipient=True) from None
+            raise TransientDelivery(f"RCPT {exc.code} {exc.message}") from None
+        try:
+            await smtp.data(item.content, timeout=cfg.data_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset(smtp)
+            if exc.code >= 500:
+                size = exc.code == 552 or "5.3.4" in exc.message
+                raise PermanentDelivery(f"DATA {exc.code} {exc.message}", size=size) from None
+            raise TransientDelivery(f"DATA {exc.code} {exc.message}") from None
+
+    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.rset(timeout=self.config.outbound.command_timeout)
+        except Exception:
+            await self._disconnect()
 
     async def _connection(self) -> aiosmtplib.SMTP:
         if self._smtp is not None and self._smtp.is_connected:
@@ -224,8 +277,12 @@ class OutboxWorker:
         )
         try:
             await smtp.connect()
+            await smtp.ehlo()
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise TransientDelivery(f"relay {host}:{port}: {type(exc).__name__}: {exc}") from None
+            smtp.close()
+            message = f"relay {host}:{port}: {type(exc).__name__}: {exc}"
+            self.last_relay_failure = (asyncio.get_running_loop().time(), message[:300])
+            raise TransientDelivery(message) from None
         self._smtp = smtp
         return smtp
 
@@ -248,11 +305,15 @@ class OutboxWorker:
 
     async def release_claims(self) -> int:
         """On a graceful stop: rows this instance claimed but did not send go back."""
+        await self._finish_accepted()
         async with self.db.transaction(priority="background") as session:
+            query = update(OutboxItem).where(
+                OutboxItem.state == "sending", OutboxItem.claimed_by == self.instance
+            )
+            if self._accepted:  # accepted by the relay: never back in the queue
+                query = query.where(OutboxItem.id.not_in(list(self._accepted)))
             result = await session.execute(
-                update(OutboxItem)
-                .where(OutboxItem.state == "sending", OutboxItem.claimed_by == self.instance)
-                .values(state="queued", claimed_by=None, claimed_until=None)
+                query.values(state="queued", claimed_by=None, claimed_until=None)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -264,24 +325,120 @@ class OutboxWorker:
             OutboxItem.claimed_by == self.instance,
         )
 
-    async def _finish(self, item: OutboxItem, state: str, error: str | None) -> None:
+    async def _finish_accepted(self) -> None:
+        """Mark every relay-accepted row sent, first of all work and before intake's rivals.
+
+        Sent mail is blanked: its content (codes, links, customers' messages)
+        stays only where it went.
+        """
+        if not self._accepted:
+            return
+        pending = list(self._accepted.values())
+        try:
+            async with self.db.transaction(priority="intake") as session:
+                for entry in pending:
+                    await session.execute(
+                        self._mine(entry.item).values(
+                            state="sent",
+                            sent_at=utcnow(),
+                            last_error=None,
+                            claimed_by=None,
+                            claimed_until=None,
+                            content=b"",
+                        )
+                    )
+        except Exception as exc:
+            for entry in pending:
+                entry.tries += 1
+            self.log.error(
+                "outbox.finish_failed",
+                rows=[e.item.id for e in pending][:20],
+                tries=pending[0].tries,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+            return
+        for entry in pending:
+            self._accepted.pop(entry.item.id, None)
+
+    async def _refused(self, item: OutboxItem, exc: PermanentDelivery) -> None:
+        """A 5xx: final for customer mail; a staff copy is retried (or summarized)."""
+        error = str(exc)
+        if item.kind == MailKind.STAFF.value:
+            summarized = b"X-IQ-Summary:" in item.content[:8192]
+            if exc.size and self.composer is not None and not summarized:
+                summary = self.composer.staff_summary(item.content)
+                async with self.db.transaction(priority="normal") as session:
+                    await session.execute(
+                        self._mine(item).values(
+                            content=summary,
+                            state="queued",
+                            next_attempt_at=utcnow(),
+                            last_error=error[:2000],
+                            claimed_by=None,
+                            claimed_until=None,
+                        )
+                    )
+                self.log.warning("outbox.staff_summarized", outbox=item.id, error=error[:300])
+                return
+            self.log.error("outbox.staff_refused", outbox=item.id, error=error[:300])
+            await self._defer(item, error, never_give_up=True)
+            return
         values: dict[str, Any] = {
-            "state": state,
-            "last_error": error,
+            "state": "failed",
+            "last_error": error[:2000],
             "claimed_by": None,
             "claimed_until": None,
         }
-        if state == "sent":
-            values["sent_at"] = utcnow()
-        if item.kind in REDACT_AFTER_SEND:
-            values["content"] = b""
-        async with self.db.transaction(priority="background") as session:
+        async with self.db.transaction(priority="normal") as session:
             await session.execute(self._mine(item).values(**values))
+            await self._failed_effects(session, item, error, recipient=exc.recipient)
+        self.log.warning(
+            "outbox.failed",
+            outbox=item.id,
+            kind=item.kind,
+            ticket_id=item.ticket_id,
+            error=error[:300],
+        )
+        self.metrics.inc("outbox_failed_total", kind=item.kind)
 
-    async def _defer(self, item: OutboxItem, error: str) -> None:
+    async def _failed_effects(
+        self, session: Any, item: OutboxItem, error: str, *, recipient: bool
+    ) -> None:
+        """A link that can no longer arrive is spent; a refused recipient is suppressed."""
+        if item.kind == MailKind.AUTH_REQUEST.value:
+            await session.execute(
+                update(AuthToken)
+                .where(AuthToken.outbox_id == item.id, AuthToken.used_at.is_(None))
+                .values(used_at=utcnow())
+            )
+            await session.execute(self._blank(item))
+        hours = self.config.outbound.bounce_suppress_hours
+        if recipient and hours and item.kind in CUSTOMER_KINDS:
+            until = utcnow() + timedelta(hours=hours)
+            row = await session.get(Suppression, item.recipient)
+            if row is None:
+                session.add(Suppression(email=item.recipient, reason=error[:500], until=until))
+            else:
+                row.until, row.reason = until, error[:500]
+
+    def _blank(self, item: OutboxItem) -> Any:
+        return update(OutboxItem).where(OutboxItem.id == item.id).values(content=b"")
+
+    def _gives_up(self, item: OutboxItem) -> bool:
+        if item.kind == MailKind.STAFF.value:
+            return False
+        lifetime = timedelta(hours=self.config.outbound.queue_lifetime_hours)
+        if item.kind == MailKind.AUTH_REQUEST.value:
+            lifetime = min(lifetime, timedelta(hours=self.config.tickets.link_ttl_hours))
+        return utcnow() - item.created_at >= lifetime
+
+    async def _defer(self, item: OutboxItem, error: str, *, never_give_up: bool = False) -> None:
         cfg = self.config.outbound
-        give_up = item.attempts >= cfg.max_attempts
-        delay = min(cfg.retry_base_seconds * (2 ** (item.attempts - 1)), cfg.retry_max_seconds)
+        if error.startswith(("relay ", "timeout", "SMTP")):
+            self.last_relay_failure = (asyncio.get_running_loop().time(), error[:300])
+        give_up = not never_give_up and self._gives_up(item)
+        backoff = cfg.retry_base_seconds * (2 ** max(item.attempts - 1, 0))
+        delay = min(backoff, cfg.retry_max_seconds)
         values: dict[str, Any] = {
             "last_error": error[:2000],
             "claimed_by": None,
@@ -289,13 +446,13 @@ class OutboxWorker:
         }
         if give_up:
             values["state"] = "failed"
-            if item.kind in REDACT_AFTER_SEND:
-                values["content"] = b""
         else:
             values["state"] = "queued"
             values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)
-        async with self.db.transaction(priority="background") as session:
+        async with self.db.transaction(priority="normal") as session:
             await session.execute(self._mine(item).values(**values))
+            if give_up:
+                await self._failed_effects(session, item, error, recipient=False)
         if give_up:
             self.log.warning(
                 "outbox.failed",

@@ -1,9 +1,10 @@
-"""Effects of decisions as rows: outbox mail, authorization tokens, audit events.
+"""The apply step: a message's plan executed inside the transaction that records it.
 
-Everything here runs inside the transaction that records the decision, so a
-decision and the mail it causes commit together or not at all. Automatic mail
-is rate-limited per recipient and per ticket, and never goes to an address
-whose mail recently bounced.
+A decision and the mail it causes commit together or not at all. Automatic mail
+passes one filter first (suppression after a bounce, rate limits per recipient,
+per ticket, and for strangers per domain and overall); what the filter stops is
+recorded on the message and named in its staff copy, so a forger who used up an
+owner's quota cannot leave the owner's real request silently linkless.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iqmaild.core.mail import MailIntent, StaffCopy
+from iqmaild.core.plan import Plan
+from iqmaild.core.policy import TicketAction
 from iqmaild.core.ratelimit import Window, allows, longest
-from iqmaild.outbound.compose import Composed, ThreadInfo, TicketRef, safe_token
+from iqmaild.core.vocabulary import AUTOMATIC_MAIL, MailKind, TicketState
+from iqmaild.ingest.parse import ParsedMail
+from iqmaild.outbound.compose import ThreadInfo, TicketRef, safe_token
+from iqmaild.process import tickets
 from iqmaild.process.desk import Desk
 from iqmaild.process.tickets import tag_for
-from iqmaild.storage.models import AuditEvent, AuthToken, Message, OutboxItem, Suppression, Ticket
+from iqmaild.storage.models import (
+    Account,
+    AuditEvent,
+    AuthToken,
+    Message,
+    OutboxItem,
+    Suppression,
+    Ticket,
+)
 from iqmaild.storage.models import utcnow as now
 
 
@@ -52,20 +67,19 @@ def enqueue(
     session: AsyncSession,
     desk: Desk,
     *,
-    kind: str,
+    kind: MailKind,
     recipient: str,
     content: bytes,
     header_message_id: str = "",
     ticket: Ticket | None = None,
     message: Message | None = None,
-    automatic: bool,
 ) -> OutboxItem:
     item = OutboxItem(
-        kind=kind,
-        automatic=automatic,
+        kind=kind.value,
+        automatic=kind in AUTOMATIC_MAIL,
         ticket_id=ticket.id if ticket else None,
         message_id=message.id if message else None,
-        mail_from=desk.composer.envelope_from,
+        mail_from=desk.config.return_path_base,
         recipient=recipient,
         content=content,
         header_message_id=header_message_id,
@@ -75,9 +89,10 @@ def enqueue(
     return item
 
 
-async def automatic_blocked(
+async def blocked(
     session: AsyncSession,
     desk: Desk,
+    kind: MailKind,
     recipient: str,
     ticket: Ticket | None,
     unknown_sender: bool = False,
@@ -88,26 +103,37 @@ async def automatic_blocked(
     if suppressed is not None and suppressed.until > current:
         return "bounced"
     limits = desk.config.outbound.rate_limit
+    hour_ago = current - timedelta(hours=1)
     if unknown_sender:
-        # Forged spam makes notices to strangers backscatter; victim+1@, victim+2@...
-        # each have their own per-recipient window, so cap the whole domain too.
+        # Forged spam makes notices to strangers backscatter: victim+1@, victim+2@...
+        # each have their own per-recipient window, so cap the domain and the whole.
         domain = recipient.rpartition("@")[2]
         count = await session.scalar(
             select(func.count(OutboxItem.id)).where(
-                OutboxItem.created_at > current - timedelta(hours=1),
-                OutboxItem.kind == "unauthorized",
+                OutboxItem.created_at > hour_ago,
+                OutboxItem.kind == MailKind.REFUSAL.value,
                 OutboxItem.recipient.endswith(f"@{domain}", autoescape=True),
             )
         )
         if (count or 0) >= limits.unknown_sender_domain_hour:
             return "unknown_sender_domain_rate_limit"
+        count = await session.scalar(
+            select(func.count(OutboxItem.id))
+            .join(Message, Message.id == OutboxItem.message_id)
+            .where(
+                OutboxItem.created_at > hour_ago,
+                OutboxItem.kind == MailKind.REFUSAL.value,
+                Message.sender_role == "unknown",
+            )
+        )
+        if (count or 0) >= limits.unknown_sender_hour:
+            return "unknown_sender_rate_limit"
     windows = (Window(600, limits.per_recipient_10min), Window(86400, limits.per_recipient_day))
-    since = current - longest(windows)
     sent = await session.scalars(
         select(OutboxItem.created_at).where(
             OutboxItem.recipient == recipient,
             OutboxItem.automatic.is_(True),
-            OutboxItem.created_at > since,
+            OutboxItem.created_at > current - longest(windows),
         )
     )
     if not allows(list(sent), current, windows):
@@ -125,154 +151,159 @@ async def automatic_blocked(
     return None
 
 
-async def _may_send(
+async def _filter(
     session: AsyncSession,
     desk: Desk,
-    kind: str,
-    recipient: str,
+    intent: MailIntent,
     ticket: Ticket,
     message: Message | None,
     unknown_sender: bool = False,
-) -> bool:
-    """Check the limits for one automatic mail; a refusal is audited and logged."""
-    blocked = await automatic_blocked(session, desk, recipient, ticket, unknown_sender)
-    if blocked is None:
-        return True
+) -> str | None:
+    """The one filter automatic mail passes; a stop is audited, logged and counted."""
+    assert intent.recipient is not None
+    why = await blocked(session, desk, intent.kind, intent.recipient, ticket, unknown_sender)
+    if why is None:
+        return None
     audit(
         session,
         "autoreply.suppressed",
         ticket=ticket,
         message=message,
-        kind=kind,
-        recipient=recipient,
-        why=blocked,
+        kind=intent.kind.value,
+        recipient=intent.recipient,
+        why=why,
     )
-    desk.log.info("autoreply.suppressed", ticket=ticket.number, kind=kind, why=blocked)
-    desk.metrics.inc("autoreplies_suppressed_total", why=blocked)
-    return False
+    desk.log.info("autoreply.suppressed", ticket=ticket.number, kind=intent.kind.value, why=why)
+    desk.metrics.inc("autoreplies_suppressed_total", why=why)
+    return why
 
 
 async def customer_mail(
     session: AsyncSession,
     desk: Desk,
+    intent: MailIntent,
     *,
-    kind: str,
     ticket: Ticket,
-    recipient: str,
-    include_code: bool,
     thread: ThreadInfo | None,
     message: Message | None = None,
-    automatic: bool = True,
-    check_limits: bool = True,
+    lang: str | None = None,
     unknown_sender: bool = False,
-    **ctx: Any,
-) -> bool:
-    """Queue one templated mail to a customer; False when limits stopped it."""
-    if (
-        automatic
-        and check_limits
-        and not await _may_send(session, desk, kind, recipient, ticket, message, unknown_sender)
-    ):
-        return False
-    ref = TicketRef(
-        ticket.number, tag_for(desk.tags, desk.key, ticket, include_code), ticket.subject
-    )
-    composed: Composed = desk.composer.customer_mail(
-        template=kind,
-        lang=ticket.lang,
+    check_limits: bool = True,
+    **extra: Any,
+) -> OutboxItem | str:
+    """Queue one mail of ``intent`` to a customer: the outbox row, or why it was stopped."""
+    assert intent.recipient is not None
+    if intent.kind in AUTOMATIC_MAIL and check_limits:
+        why = await _filter(session, desk, intent, ticket, message, unknown_sender)
+        if why is not None:
+            return why
+    ref = None
+    if intent.reveals_ticket:
+        tag = tag_for(desk.tags, desk.key, ticket, intent.include_code)
+        ref = TicketRef(ticket.number, tag, ticket.subject)
+    composed = desk.composer.customer_mail(
+        kind=intent.kind,
+        lang=lang or ticket.lang,
         ticket=ref,
-        recipient=recipient,
+        recipient=intent.recipient,
         thread=thread,
-        automatic=automatic,
-        **ctx,
+        automatic=intent.kind in AUTOMATIC_MAIL,
+        **intent.template_vars(),
+        **extra,
     )
-    enqueue(
+    return enqueue(
         session,
         desk,
-        kind=kind,
-        recipient=recipient,
+        kind=intent.kind,
+        recipient=intent.recipient,
         content=composed.content,
         header_message_id=composed.message_id,
         ticket=ticket,
         message=message,
-        automatic=automatic,
     )
-    return True
 
 
 async def issue_link(
     session: AsyncSession,
     desk: Desk,
+    intent: MailIntent,
     *,
     ticket: Ticket,
-    recipient: str,
     thread: ThreadInfo | None,
     message: Message | None,
-) -> bool:
-    """Create a single-use token (only its hash is kept) and mail the link."""
-    if not await _may_send(session, desk, "auth_request", recipient, ticket, message):
-        return False
+    check_limits: bool = True,
+) -> OutboxItem | str:
+    """A single-use token (only its hash is kept) and the mail with its link."""
+    assert intent.recipient is not None
+    if check_limits:
+        why = await _filter(session, desk, intent, ticket, message)
+        if why is not None:
+            return why
     token = secrets.token_urlsafe(32)
     hours = desk.config.tickets.link_ttl_hours
-    session.add(
-        AuthToken(
-            token_hash=token_hash(token),
-            ticket_id=ticket.id,
-            message_id=message.id if message else None,
-            email=recipient,
-            expires_at=now() + timedelta(hours=hours),
-        )
+    row = AuthToken(
+        token_hash=token_hash(token),
+        ticket_id=ticket.id,
+        message_id=message.id if message else None,
+        email=intent.recipient,
+        expires_at=now() + timedelta(hours=hours),
     )
-    link = f"{desk.config.http.public_url}/authorize/{token}"
-    await customer_mail(
+    session.add(row)
+    item = await customer_mail(
         session,
         desk,
-        kind="auth_request",
+        intent,
         ticket=ticket,
-        recipient=recipient,
-        include_code=True,
         thread=thread,
         message=message,
         check_limits=False,
-        link=link,
+        link=f"{desk.config.http.public_url}/authorize/{token}",
         expires_hours=hours,
     )
-    return True
+    assert isinstance(item, OutboxItem)
+    await session.flush()
+    row.outbox_id = item.id
+    return item
 
 
-def staff_delivery(
+def staff_copy(
     session: AsyncSession,
     desk: Desk,
     *,
     message: Message,
     ticket: Ticket | None,
-    decision: str,
-    reasons: list[str],
-    sender_role: str | None,
-) -> None:
+    context: StaffCopy,
+    suppressed: list[str] | None = None,
+    returned: OutboxItem | None = None,
+) -> OutboxItem:
     headers = {
         "X-IQ-Ticket": str(ticket.number) if ticket else "none",
-        "X-IQ-Authorization": decision,
-        "X-IQ-Reasons": ",".join(reasons) or "none",
+        "X-IQ-Authorization": context.decision,
+        "X-IQ-Reasons": ",".join(context.reasons) or "none",
         "X-IQ-Account": safe_token(message.account_id or "") or "none",
-        "X-IQ-Sender-Role": sender_role or "none",
+        "X-IQ-Sender-Role": context.sender_role or "none",
         "X-IQ-Message": str(message.id),
     }
-    content = desk.composer.staff_delivery(message.raw, headers)
-    enqueue(
+    if suppressed:
+        headers["X-IQ-Suppressed"] = ",".join(suppressed)
+    if returned is not None:
+        headers["X-IQ-Returned"] = f"outbox {returned.id} {returned.kind}"
+    extensions = desk.desk_extensions(message.rcpt_to or [])
+    if extensions:
+        headers["X-IQ-Desk-Extension"] = ",".join(safe_token(e) for e in extensions)
+    return enqueue(
         session,
         desk,
-        kind="staff",
+        kind=MailKind.STAFF,
         recipient=desk.config.outbound.staff_address,
-        content=content,
+        content=desk.composer.staff_delivery(message.raw, headers),
         ticket=ticket,
         message=message,
-        automatic=False,
     )
 
 
 async def authorize_ticket(session: AsyncSession, desk: Desk, ticket: Ticket) -> int:
-    """The ticket becomes authorized, by a link click or by a follow-up with the code.
+    """The ticket becomes authorized (the link was clicked).
 
     Its pending messages reach staff again, now as authorized, and its other
     links are spent. Returns how many messages were pending.
@@ -287,18 +318,187 @@ async def authorize_ticket(session: AsyncSession, desk: Desk, ticket: Ticket) ->
     )
     for message in pending:
         message.decision = "authorized"
-        staff_delivery(
-            session,
-            desk,
-            message=message,
-            ticket=ticket,
-            decision="authorized",
-            reasons=[],
-            sender_role=message.sender_role,
-        )
+        context = StaffCopy("authorized", (), message.sender_role)
+        staff_copy(session, desk, message=message, ticket=ticket, context=context)
     await session.execute(
         update(AuthToken)
         .where(AuthToken.ticket_id == ticket.id, AuthToken.used_at.is_(None))
         .values(used_at=current)
     )
     return len(pending)
+
+
+async def burn_links(
+    session: AsyncSession, desk: Desk, tokens: tuple[str, ...], message: Message, why: str
+) -> int:
+    """A link that came back in a message (a returned link mail) can no longer authorize."""
+    if not tokens:
+        return 0
+    result = await session.execute(
+        update(AuthToken)
+        .where(AuthToken.token_hash.in_([token_hash(t) for t in tokens]))
+        .where(AuthToken.used_at.is_(None))
+        .values(used_at=now())
+    )
+    burned = int(getattr(result, "rowcount", 0) or 0)
+    if burned:
+        audit(session, "authlink.burned", message=message, links=burned, why=why)
+        desk.log.info("authlink.burned", message=message.id, links=burned, why=why)
+    return burned
+
+
+async def file_returned(
+    session: AsyncSession,
+    desk: Desk,
+    row: OutboxItem,
+    parsed: ParsedMail,
+    message: Message,
+    *,
+    copied: bool,
+) -> None:
+    """A report about our own mail, filed under its outbox row.
+
+    Only a report sent to a row's signed envelope sender gets here, so only it
+    can suppress: a permanent failure pauses automatic mail to that row's
+    recipient (never to anyone the report merely names). A delay warning only
+    records itself. A staff copy that came back is an alert, never suppressed.
+    """
+    report = parsed.report
+    delayed_only = report is not None and not report.failed and bool(report.delayed)
+    status = "delayed" if delayed_only else ""
+    if report is not None and report.failed:
+        status = report.failed[0][1]
+    if copied:
+        row.reported_at = now()
+    row.last_error = f"returned: {status or 'report'} (message {message.id})"[:2000]
+    audit(session, "outbox.returned", message=message, outbox=row.id, kind=row.kind, status=status)
+    desk.metrics.inc("outbox_returned_total", kind=row.kind)
+    if delayed_only:
+        return
+    if row.kind == MailKind.STAFF.value:
+        desk.log.error("outbox.staff_returned", outbox=row.id, status=status)
+        return
+    desk.log.warning("outbox.returned", outbox=row.id, kind=row.kind, status=status)
+    if row.kind == MailKind.AUTH_REQUEST.value:
+        await session.execute(
+            update(AuthToken)
+            .where(AuthToken.outbox_id == row.id, AuthToken.used_at.is_(None))
+            .values(used_at=now())
+        )
+    hours = desk.config.outbound.bounce_suppress_hours
+    if hours and row.kind in {k.value for k in AUTOMATIC_MAIL | {MailKind.STAFF_REPLY}}:
+        await suppress(session, row.recipient, status or "5.0.0", hours, message=message)
+
+
+async def suppress(
+    session: AsyncSession, address: str, reason: str, hours: float, message: Message | None = None
+) -> None:
+    until = now() + timedelta(hours=hours)
+    existing = await session.get(Suppression, address)
+    if existing is None:
+        session.add(Suppression(email=address, reason=reason[:500], until=until))
+    else:
+        existing.until, existing.reason = until, reason[:500]
+    audit(session, "suppression.added", message=message, email=address, status=reason[:200])
+
+
+async def apply_plan(
+    session: AsyncSession,
+    desk: Desk,
+    plan: Plan,
+    *,
+    message: Message,
+    parsed: ParsedMail,
+    ticket: Ticket | None,
+    returned: OutboxItem | None = None,
+) -> Ticket | None:
+    """Execute one plan: the ticket, the message row, audits, returned mail, mail."""
+    verdict, op = plan.verdict, plan.ticket
+    lang = desk.config.notices.default_lang
+    if verdict.account_id:
+        account = await session.get(Account, verdict.account_id)
+        lang = account.lang if account else lang
+    if op.action is TicketAction.NEW:
+        ticket = await tickets.create_ticket(
+            session,
+            number_start=desk.config.tickets.number_start,
+            authorization=op.authorization,
+            channel=message.channel,
+            requester=verdict.sender,
+            subject=desk.tags.strip(parsed.subject)[:500],
+            account_id=verdict.account_id,
+            service_id=verdict.service_id,
+            lang=lang,
+        )
+    elif op.action is TicketAction.NONE:
+        ticket = None
+    if ticket is not None and op.action is TicketAction.ATTACH:
+        if op.reopen:
+            tickets.set_state(ticket, TicketState.OPEN)
+        if op.adopt_account and ticket.account_id is None:
+            ticket.account_id = verdict.account_id
+        ticket.updated_at = now()
+    if ticket is not None and op.rotate_code:
+        ticket.code_nonce = secrets.token_bytes(16)
+
+    update_ = plan.message
+    message.ticket_id = ticket.id if ticket else None
+    message.state = "processed"
+    message.processed_at = now()
+    message.decision = update_.decision
+    message.reasons = list(update_.reasons)
+    message.rules_hit = list(update_.rules_hit)
+    message.sender_role = update_.sender_role
+    message.account_id = update_.account_id
+    message.from_address = update_.from_address
+    message.outbox_ref = update_.outbox_ref
+    message.subject = parsed.subject[:2000]
+    message.headers = parsed.headers
+    message.defects = list(parsed.defects)[:50]
+    for entry in plan.audits:
+        audit(session, entry.event, ticket=ticket, message=message, **dict(entry.data))
+
+    if returned is not None:
+        await file_returned(session, desk, returned, parsed, message, copied=plan.staff_copy)
+    await burn_links(session, desk, parsed.link_tokens, message, why="returned_copy")
+
+    thread = ThreadInfo(parsed.message_id, parsed.references, parsed.thread_index)
+    suppressed: list[str] = []
+    staff: StaffCopy | None = None
+    unknown = update_.sender_role == "unknown"
+    for intent in plan.mails:
+        if intent.kind is MailKind.STAFF:
+            assert isinstance(intent.context, StaffCopy)
+            staff = intent.context
+            continue
+        if ticket is None or intent.recipient is None:
+            continue
+        if intent.kind is MailKind.AUTH_REQUEST:
+            outcome = await issue_link(
+                session, desk, intent, ticket=ticket, thread=thread, message=message
+            )
+        else:
+            outcome = await customer_mail(
+                session,
+                desk,
+                intent,
+                ticket=ticket,
+                thread=thread,
+                message=message,
+                lang=None if intent.reveals_ticket else desk.config.notices.default_lang,
+                unknown_sender=unknown and intent.kind is MailKind.REFUSAL,
+            )
+        if isinstance(outcome, str):
+            suppressed.append(f"{intent.kind.value}:{outcome}")
+    message.suppressed = suppressed
+    if staff is not None:
+        staff_copy(
+            session,
+            desk,
+            message=message,
+            ticket=ticket,
+            context=staff,
+            suppressed=suppressed,
+            returned=returned,
+        )
+    return ticket

@@ -14,23 +14,17 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
-from iqmaild.core.policy import ActionKind, TicketAction, Verdict, classify
-from iqmaild.core.vocabulary import Channel, Decision, Reason, Role, TicketState
-from iqmaild.ingest.parse import ParsedMail, parse_message, unparsable
-from iqmaild.outbound.compose import ThreadInfo
-from iqmaild.process import act, tickets
-from iqmaild.process.bounces import suppress_bounced
+from iqmaild.core.facts import ReturnedView
+from iqmaild.core.plan import plan_of
+from iqmaild.core.policy import Verdict, classify
+from iqmaild.core.vocabulary import Channel, MailKind
+from iqmaild.ingest.parse import parse_message, unparsable
+from iqmaild.process import tickets
+from iqmaild.process.apply import apply_plan
 from iqmaild.process.desk import Desk
-from iqmaild.storage.db import Database
-from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import Account, Message, Ticket, utcnow
-
-TICKET_AUTHORIZATION = {
-    Decision.AUTHORIZED: "authorized",
-    Decision.PENDING: "pending",
-    Decision.UNAUTHORIZED: "unauthorized",
-    Decision.IGNORED: "unauthorized",
-}
+from iqmaild.storage.db import Database, is_outage
+from iqmaild.storage.directory import primary_of, view_for
+from iqmaild.storage.models import Message, OutboxItem, Ticket, utcnow
 
 
 @dataclass(frozen=True)
@@ -106,18 +100,18 @@ class Classifier:
             if row is None or row.state != "received":
                 return None
             raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
+            rcpt_to = list(row.rcpt_to or [])
             panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
-        options = dict(
-            mail_from=mail_from,
-            tags=self.desk.tags,
-            key=self.desk.key,
-            msgid_domain=self.desk.composer.domain,
-            trusted_authserv_ids=self.desk.trusted_authserv_ids,
-            channel=channel,
-        )
         try:
             # In a thread: a pathological message must not stall SMTP and HTTP.
-            parsed = await asyncio.to_thread(parse_message, raw, **options)
+            parsed = await asyncio.to_thread(
+                parse_message,
+                raw,
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                ctx=self.desk.parse_context,
+                channel=channel,
+            )
         except Exception as exc:  # e.g. RecursionError on absurd MIME nesting
             self.desk.log.warning(
                 "message.unparsable", message=message_id, error=type(exc).__name__
@@ -133,151 +127,47 @@ class Classifier:
             if message is None or message.state != "received":
                 return None
             facts = parsed.facts
-            number = facts.tag.number if facts.tag else facts.thread_ticket
-            ticket = await tickets.by_number(session, number) if number else None
+            returned = ticket = None
+            if facts.returned_outbox_id is not None:
+                returned = await session.get(OutboxItem, facts.returned_outbox_id)
+                if returned is not None and returned.ticket_id is not None:
+                    ticket = await session.get(Ticket, returned.ticket_id)
+            else:
+                number = facts.tag.number if facts.tag else facts.thread_ticket
+                ticket = await tickets.by_number(session, number) if number else None
+            primary = None
+            if ticket is not None and ticket.account_id:
+                primary = await primary_of(session, ticket.account_id)
             emails = [*facts.from_addresses, *facts.recipients]
+            emails += [e for e in (ticket.requester if ticket else None, primary) if e]
             directory = await view_for(session, emails)
-            view = tickets.view_of(self.desk.key, ticket) if ticket else None
-            verdict = classify(facts, directory, view, self.desk.policy)
-            ticket = await self._apply(session, message, parsed, verdict, ticket)
+            view = tickets.view_of(self.desk.key, ticket, primary) if ticket else None
+            returned_view = (
+                ReturnedView(MailKind(returned.kind), returned.reported_at is not None)
+                if returned is not None
+                else None
+            )
+            verdict = classify(facts, directory, view, self.desk.policy, returned_view)
+            plan = plan_of(verdict, facts.returned_outbox_id)
+            ticket = await apply_plan(
+                session,
+                self.desk,
+                plan,
+                message=message,
+                parsed=parsed,
+                ticket=ticket,
+                returned=returned,
+            )
             return Outcome(message_id, ticket.number if ticket else None, verdict)
 
-    async def _apply(
-        self,
-        session,
-        message: Message,
-        parsed: ParsedMail,
-        verdict: Verdict,
-        ticket: Ticket | None,
-    ) -> Ticket | None:
-        desk = self.desk
-        lang = desk.config.notices.default_lang
-        if verdict.account_id:
-            account = await session.get(Account, verdict.account_id)
-            lang = account.lang if account else lang
-        if verdict.ticket is TicketAction.NEW:
-            ticket = await tickets.create_ticket(
-                session,
-                number_start=desk.config.tickets.number_start,
-                authorization=TICKET_AUTHORIZATION[verdict.decision],
-                channel=message.channel,
-                requester=verdict.sender,
-                subject=desk.tags.strip(parsed.subject)[:500],
-                account_id=verdict.account_id,
-                service_id=verdict.service_id,
-                lang=lang,
-            )
-            act.audit(
-                session,
-                "ticket.created",
-                ticket=ticket,
-                message=message,
-                decision=verdict.decision.value,
-            )
-        elif verdict.ticket is TicketAction.NONE:
-            ticket = None
-        if ticket is not None and verdict.ticket is TicketAction.ATTACH:
-            if verdict.reopen and tickets.set_state(ticket, TicketState.OPEN):
-                act.audit(session, "ticket.reopened", ticket=ticket, message=message)
-            if verdict.authorizes_ticket:
-                pending = await act.authorize_ticket(session, desk, ticket)
-                act.audit(
-                    session,
-                    "ticket.authorized",
-                    ticket=ticket,
-                    message=message,
-                    via="code",
-                    messages=pending,
-                )
-            if (
-                ticket.account_id is None
-                and verdict.account_id
-                and verdict.decision in (Decision.AUTHORIZED, Decision.PENDING)
-            ):
-                ticket.account_id = verdict.account_id
-            ticket.updated_at = utcnow()
-
-        message.ticket_id = ticket.id if ticket else None
-        message.state = "processed"
-        message.processed_at = utcnow()
-        message.decision = verdict.decision.value
-        message.reasons = [r.value for r in verdict.reasons]
-        message.rules_hit = list(verdict.rules_hit)
-        message.sender_role = verdict.sender_role.value if verdict.sender_role else None
-        message.account_id = verdict.account_id
-        message.from_address = verdict.sender
-        message.subject = parsed.subject[:2000]
-        message.headers = parsed.headers
-        message.defects = list(parsed.defects)[:50]
-        act.audit(
-            session,
-            "message.classified",
-            ticket=ticket,
-            message=message,
-            decision=verdict.decision.value,
-            reasons=message.reasons,
-            rules=message.rules_hit,
-        )
-        if (
-            Reason.BOUNCE in verdict.reasons
-            and parsed.facts.delivery_report
-            and parsed.facts.null_return_path
-        ):
-            await suppress_bounced(session, self.desk, message)
-
-        thread = ThreadInfo(parsed.message_id, parsed.references, parsed.thread_index)
-        for action in verdict.actions:
-            if action.kind is ActionKind.STAFF:
-                act.staff_delivery(
-                    session,
-                    desk,
-                    message=message,
-                    ticket=ticket,
-                    decision=verdict.decision.value,
-                    reasons=message.reasons,
-                    sender_role=message.sender_role,
-                )
-            elif ticket is None or action.recipient is None:
-                continue
-            elif action.kind is ActionKind.AUTH_LINK:
-                await act.issue_link(
-                    session,
-                    desk,
-                    ticket=ticket,
-                    recipient=action.recipient,
-                    thread=thread,
-                    message=message,
-                )
-            elif action.kind is ActionKind.NOTICE:
-                await act.customer_mail(
-                    session,
-                    desk,
-                    kind="unauthorized",
-                    ticket=ticket,
-                    recipient=action.recipient,
-                    include_code=action.include_code,
-                    thread=thread,
-                    message=message,
-                    reasons=message.reasons,
-                    unshared=list(verdict.unshared[:50]),
-                    includes_code=action.include_code,
-                    unknown_sender=verdict.sender_role is Role.UNKNOWN,
-                )
-            elif action.kind is ActionKind.ACKNOWLEDGEMENT:
-                await act.customer_mail(
-                    session,
-                    desk,
-                    kind="acknowledgement",
-                    ticket=ticket,
-                    recipient=action.recipient,
-                    include_code=True,
-                    thread=thread,
-                    message=message,
-                    via="panel",
-                )
-        return ticket
-
     async def _failed(self, message_id: int, exc: Exception) -> None:
+        if is_outage(exc):
+            # The database, not the message: no attempt is counted (a long outage
+            # must not park good mail as dead letters); the loop backs off.
+            self.desk.log.error(
+                "message.deferred", message=message_id, error=f"{type(exc).__name__}"[:300]
+            )
+            raise exc
         limit = self.desk.config.processing.max_attempts
         try:
             async with self.db.transaction() as session:

@@ -12,11 +12,15 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from iqmaild.process import act
+from iqmaild.core.mail import Acknowledgement, MailIntent
+from iqmaild.core.vocabulary import MailKind
+from iqmaild.ingest.parse import message_ids
+from iqmaild.outbound.compose import ThreadInfo
+from iqmaild.process import apply as act
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import AuthToken, Ticket, utcnow
+from iqmaild.storage.models import AuthToken, Message, Ticket, utcnow
 
 
 class LinkState(StrEnum):
@@ -86,7 +90,7 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
                 AuthToken.expires_at > current,
             )
             .values(used_at=current)
-            .returning(AuthToken.ticket_id, AuthToken.email)
+            .returning(AuthToken.ticket_id, AuthToken.email, AuthToken.message_id)
         )
         claimed = result.first()
         if claimed is None:
@@ -109,7 +113,7 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
             )
             number = None
         else:
-            number = await _authorize(session, desk, ticket, claimed.email)
+            number = await _authorize(session, desk, ticket, claimed.email, claimed.message_id)
     if number is None:
         desk.log.info("authlink.refused", ticket=info.ticket_number, why="not_eligible")
         return LinkInfo(LinkState.EXPIRED, info.ticket_number, info.subject, info.sender, info.lang)
@@ -118,8 +122,14 @@ async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:
     return LinkInfo(LinkState.VALID, number, info.subject, info.sender, info.lang)
 
 
-async def _authorize(session: Any, desk: Desk, ticket: Ticket, email: str) -> int:
-    """Inside the claiming transaction: authorize, audit, acknowledge."""
+async def _authorize(
+    session: Any, desk: Desk, ticket: Ticket, email: str, message_id: int | None
+) -> int:
+    """Inside the claiming transaction: authorize, audit, acknowledge.
+
+    The acknowledgement is the first mail that carries the code, and it
+    threads under the customer's message the link was issued for.
+    """
     was = ticket.authorization
     pending = await act.authorize_ticket(session, desk, ticket)
     act.audit(
@@ -131,14 +141,14 @@ async def _authorize(session: Any, desk: Desk, ticket: Ticket, email: str) -> in
         was=was,
         messages=pending,
     )
+    thread = None
+    origin = await session.get(Message, message_id) if message_id else None
+    if origin is not None:
+        ids = message_ids(origin.message_id)
+        thread = ThreadInfo(ids[0] if ids else "", (), None)
+    intent = MailIntent(MailKind.ACKNOWLEDGEMENT, email, True, Acknowledgement("link"))
+    # The owner's own click: no rate limit may withhold the code from them.
     await act.customer_mail(
-        session,
-        desk,
-        kind="acknowledgement",
-        ticket=ticket,
-        recipient=email,
-        include_code=True,
-        thread=None,
-        via="link",
+        session, desk, intent, ticket=ticket, thread=thread, message=origin, check_limits=False
     )
     return ticket.number

@@ -11,17 +11,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import event, text
+from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+
+def is_outage(error: BaseException) -> bool:
+    """The database itself failed (down, locked, full, schema gone), not one row's data."""
+    if isinstance(error, exc.DBAPIError) and not isinstance(
+        error, exc.OperationalError | exc.InterfaceError
+    ):
+        return bool(error.connection_invalidated)
+    return isinstance(
+        error,
+        exc.OperationalError
+        | exc.InterfaceError
+        | exc.DisconnectionError
+        | exc.TimeoutError
+        | OSError
+        | TimeoutError,
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -52,10 +71,31 @@ MAX_YIELDS = {"normal": 4, "background": 40}
 YIELD_SECONDS = 0.05
 
 
+FILE_MODE = 0o600  # the database holds customers' mail: owner only
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file owner-only before SQLite does (it would use 0644);
+    its -wal and -shm files take the same mode. A wider existing file is narrowed."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        os.close(fd)
+        if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+            os.chmod(path, FILE_MODE)
+    except OSError:
+        pass  # SQLite reports the real problem with a better message
+
+
 class Database:
     def __init__(self, url: str, pool_size: int = 5, echo: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            _private_sqlite_file(url)
         # Parameters hold customer data (and raw tokens in outbox rows): keep them
         # out of exception texts that reach logs and last_error columns.
         kwargs: dict[str, Any] = {

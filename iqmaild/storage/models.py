@@ -177,6 +177,11 @@ class Message(Base):
     sender_role: Mapped[str | None] = mapped_column(String(16))
     account_id: Mapped[str | None] = mapped_column(String(64))
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A report (bounce, delay) sent to the signed envelope sender of this outbox row.
+    outbox_ref: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    # Automatic mail this message would have caused but that was not sent, and why
+    # ("auth_request:recipient_rate_limit"): staff see it on the message.
+    suppressed: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 class AuthToken(Base):
@@ -192,6 +197,10 @@ class AuthToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The mail that carries the link: a returned copy of it burns the token.
+    outbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("outbox.id", ondelete="SET NULL"), index=True
+    )
 
 
 class OutboxItem(Base):
@@ -225,6 +234,8 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Staff got a copy of a report about this row: never a second one.
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Suppression(Base):

@@ -7,10 +7,12 @@ link endpoints are rate-limited per client address.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hmac
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -44,16 +46,23 @@ class SlidingLimiter:
         self.max_keys = max_keys
         self.hits: dict[str, collections.deque[float]] = {}
 
-    def allow(self, key: str) -> bool:
+    def full(self, key: str) -> bool:
+        """No room for another attempt now (old attempts expire first)."""
         now = time.monotonic()
         if len(self.hits) > self.max_keys:
             self.hits.clear()
         queue = self.hits.setdefault(key, collections.deque())
         while queue and queue[0] <= now - self.window:
             queue.popleft()
-        if len(queue) >= self.limit:
+        return len(queue) >= self.limit
+
+    def hit(self, key: str) -> None:
+        self.hits.setdefault(key, collections.deque()).append(time.monotonic())
+
+    def allow(self, key: str) -> bool:
+        if self.full(key):
             return False
-        queue.append(now)
+        self.hit(key)
         return True
 
 
@@ -63,13 +72,16 @@ class WebApp:
         db: Database,
         desk: Desk,
         intake: Callable[[Incoming], Awaitable[int]],
-        problems: Callable[[], list[str]] = list,
+        problems: Callable[[], Awaitable[list[str]]] | None = None,
+        queued: Callable[[], None] = lambda: None,
     ):
         self.problems = problems
         self.db = db
         self.desk = desk
         self.limiter = SlidingLimiter(desk.config.http.authorize_attempts_per_minute)
+        self.panel_failures = SlidingLimiter(desk.config.http.panel_failures_per_minute)
         self.intake = intake
+        self.queued = queued  # wakes the outbox: a click queues the acknowledgement
         self.app = web.Application(client_max_size=2 * 1024 * 1024)
         self.app.add_routes(
             [
@@ -123,7 +135,9 @@ class WebApp:
         if limited is not None:
             return limited
         token = request.match_info["token"]
-        return await self._link(token, confirm.confirm(self.db, self.desk, token), "confirmed")
+        response = await self._link(token, confirm.confirm(self.db, self.desk, token), "confirmed")
+        self.queued()
+        return response
 
     async def _link(
         self, token: str, lookup: Awaitable[LinkInfo], page: str, **ctx: Any
@@ -145,7 +159,8 @@ class WebApp:
 
     async def healthz(self, request: web.Request) -> web.Response:
         problems = [] if await self.db.ping() else ["database unavailable"]
-        problems += self.problems()
+        if self.problems is not None:
+            problems += await self.problems()
         ok = not problems
         return web.json_response(
             {"status": "ok" if ok else "; ".join(problems)}, status=200 if ok else 503
@@ -175,25 +190,99 @@ class WebApp:
             self.desk.metrics.set(f'outbox{{state="{state}"}}', count)
 
     async def panel_ticket(self, request: web.Request) -> web.Response:
-        expected = self.desk.config.http.panel_token
-        supplied = request.headers.get("Authorization", "")
-        scheme, _, credential = supplied.partition(" ")
-        if (
-            not expected
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(credential.strip().encode(), expected.encode())
-        ):
+        client = self._client(request)
+        if self.panel_failures.full(client):  # checked before the token is compared
+            self.desk.metrics.inc("panel_rate_limited_total")
+            return web.json_response({"error": "too many failed attempts"}, status=429)
+        if not self._panel_credential_ok(request.headers.get("Authorization", "")):
+            self.panel_failures.hit(client)
+            self.desk.log.warning("panel.unauthorized", client=client)
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
-        return await panel.create_ticket(request, self.db, self.desk, self.intake)
+        response = await panel.create_ticket(request, self.db, self.desk, self.intake)
+        self.queued()
+        return response
+
+    def _panel_credential_ok(self, supplied: str) -> bool:
+        """Constant-time; bytes from the wire compare as bytes (never an encoding error)."""
+        expected = self.desk.config.http.panel_token
+        scheme, _, credential = supplied.partition(" ")
+        if not expected or scheme.lower() != "bearer":
+            return False
+        presented = credential.strip().encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(presented, expected.encode())
 
 
-async def start_http(webapp: WebApp, host: str, port: int) -> tuple[web.AppRunner, int]:
+class _Capped(asyncio.Protocol):
+    """A connection beyond the cap gets a bare 503 and is closed; others pass through."""
+
+    def __init__(self, inner: Any, cap: _Cap) -> None:
+        self.inner = inner
+        self.cap = cap
+        self.counted = False
+
+    def connection_made(self, transport: Any) -> None:
+        if self.cap.open >= self.cap.limit:
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                b"Retry-After: 5\r\nContent-Length: 0\r\n\r\n"
+            )
+            transport.close()
+            return
+        self.cap.open += 1
+        self.counted = True
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.cap.open -= 1
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.counted:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.counted else None
+
+    def pause_writing(self) -> None:
+        if self.counted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.counted:
+            self.inner.resume_writing()
+
+
+@dataclass
+class _Cap:
+    limit: int
+    open: int = 0
+
+
+class HttpServer:
+    """aiohttp's app on our own listening socket, with a cap on open connections."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer) -> None:
+        self.runner = runner
+        self.server = server
+
+    async def cleanup(self) -> None:
+        self.server.close()
+        await self.runner.cleanup()
+
+
+async def start_http(
+    webapp: WebApp, host: str, port: int, max_connections: int = 500
+) -> tuple[HttpServer, int]:
     runner = web.AppRunner(webapp.app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server  # aiohttp exposes the bound port only here
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
-    return runner, bound
+    handler = runner.server
+    assert handler is not None
+    cap = _Cap(max_connections)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Capped(handler(), cap), host=host, port=port)
+    bound = server.sockets[0].getsockname()[1]
+    return HttpServer(runner, server), bound

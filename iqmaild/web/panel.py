@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -35,10 +36,13 @@ async def create_ticket(
     intake: Callable[[Incoming], Awaitable[int]],
 ) -> web.Response:
     try:
-        data = PanelTicket.model_validate(await request.json())
-    except (ValidationError, ValueError) as exc:
-        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "invalid JSON"
+        body = await request.read()
+        data = PanelTicket.model_validate_json(body)
+    except ValidationError as exc:
+        detail = exc.errors()[0]["msg"][:200]
         return web.json_response({"error": "invalid request", "detail": detail}, status=422)
+    except (ValueError, RecursionError, web.HTTPException):
+        return web.json_response({"error": "invalid request", "detail": "invalid JSON"}, status=422)
     async with db.read() as session:
         account = await session.get(Account, data.account_id)
         if account is None:
@@ -56,7 +60,8 @@ async def create_ticket(
     msg["To"] = Address(addr_spec=desk.config.smtp.desk_addresses[0])
     msg["Subject"] = clean_text(data.subject, 500)
     msg["Date"] = format_datetime(utcnow(), usegmt=True)
-    msg["Message-ID"] = desk.composer.new_message_id(None)
+    # Not one of our signed ids: those mark our own mail coming back (a loop).
+    msg["Message-ID"] = f"<panel.{secrets.token_hex(10)}@{desk.composer.domain}>"
     msg.set_content(data.body, charset="utf-8", cte="quoted-printable")
     item = Incoming(
         raw=msg.as_bytes(),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from iqmaild.core.facts import DirectoryView, MessageFacts, PolicyConfig, TicketView
-from iqmaild.core.policy import DAEMON_LOCAL_PARTS, ActionKind, TicketAction, Verdict
+from iqmaild.core.policy import DAEMON_LOCAL_PARTS, TicketAction, Verdict
 from iqmaild.core.tag import code_matches
-from iqmaild.core.vocabulary import LOOP_REASONS, Channel, Decision
+from iqmaild.core.vocabulary import LOOP_REASONS, Channel, Decision, MailKind
 
 
-def is_loop(facts: MessageFacts) -> bool:
+def is_loop(facts: MessageFacts, config: PolicyConfig) -> bool:
     return any(
         [
             facts.null_return_path,
@@ -18,6 +18,9 @@ def is_loop(facts: MessageFacts) -> bool:
             facts.precedence in ("bulk", "list", "junk"),
             facts.list_id,
             any(a.partition("@")[0] in DAEMON_LOCAL_PARTS for a in facts.from_addresses),
+            facts.own_mail,
+            facts.hops > config.max_hops,
+            facts.returned_outbox_id is not None,
         ]
     )
 
@@ -29,22 +32,41 @@ def check_verdict(
     config: PolicyConfig,
     v: Verdict,
 ) -> None:
-    kinds = [a.kind for a in v.actions]
-    assert kinds.count(ActionKind.STAFF) == 1, "staff see every message, once"
+    kinds = [a.kind for a in v.mails]
+    assert kinds.count(MailKind.STAFF) <= 1, "staff see a message at most once"
+    if not (facts.own_mail or facts.hops > config.max_hops or facts.returned_outbox_id):
+        assert kinds.count(MailKind.STAFF) == 1, "staff see every message but our own returned"
     assert len(set(v.reasons)) == len(v.reasons)
-    for action in v.actions:
-        if action.kind is not ActionKind.STAFF:
-            assert action.recipient == facts.sender, "automatic mail goes to the From only"
-        if action.include_code:  # the code goes only to who may authorize on the ticket
-            assert action.recipient is not None and v.account_id is not None
-            assert directory.may_act(action.recipient, v.account_id, v.service_id)
+    code_valid = (
+        ticket is not None and facts.tag is not None and code_matches(ticket.code, facts.tag.code)
+    )
+    for mail in v.mails:
+        if mail.kind is MailKind.STAFF:
+            continue
+        assert mail.recipient is not None
+        if mail.kind is MailKind.CODE_CHANGED:
+            assert ticket is not None and mail.recipient in (ticket.requester, ticket.primary)
+        else:
+            assert mail.recipient == facts.sender, "automatic mail goes to the From only"
+        eligible = v.account_id is not None and directory.may_act(
+            mail.recipient, v.account_id, v.service_id
+        )
+        if mail.kind is MailKind.REFUSAL:
+            assert not eligible and not mail.include_code, "a refusal names no ticket"
+        if mail.kind is MailKind.NOTICE:
+            assert eligible, "a notice names the ticket: only to who may act on it"
+        if mail.include_code:  # the code: only to who may act, only once authorized
+            assert eligible
+            assert facts.channel is Channel.PANEL or (ticket is not None and ticket.authorized)
+        if mail.kind is MailKind.AUTH_REQUEST:
+            assert not mail.include_code, "an auto-reply to the link mail must not carry the code"
 
-    looped = is_loop(facts)
+    looped = is_loop(facts, config)
     assert (v.decision is Decision.IGNORED) == looped
     if looped:
         assert v.reasons and set(v.reasons) <= LOOP_REASONS
-        assert kinds == [ActionKind.STAFF], "never answered automatically"
-        assert not v.reopen and not v.authorizes_ticket
+        assert set(kinds) <= {MailKind.STAFF}, "never answered automatically"
+        assert not v.reopen
         return
     assert not set(v.reasons) & LOOP_REASONS
 
@@ -58,25 +80,33 @@ def check_verdict(
     assert v.ticket is (TicketAction.ATTACH if ticket else TicketAction.NEW)
     assert v.ticket_number == (ticket.number if ticket else None)
     assert (v.decision is Decision.UNAUTHORIZED) == bool(v.reasons)
+    sender = facts.sender
+    sender_eligible = bool(
+        sender and v.account_id and directory.may_act(sender, v.account_id, v.service_id)
+    )
     if v.decision in (Decision.AUTHORIZED, Decision.PENDING):
         # Only an eligible sender, with every participant eligible, gets here.
-        sender = facts.sender
-        assert sender is not None and v.account_id is not None
-        assert directory.may_act(sender, v.account_id, v.service_id)
+        assert sender is not None and sender_eligible
         for r in facts.recipients:
             if r not in config.desk_addresses and r != sender:
-                assert directory.may_act(r, v.account_id, v.service_id), r
+                assert v.account_id and directory.may_act(r, v.account_id, v.service_id), r
+        assert not facts.recipients_unreadable
         assert not (config.dmarc_enforce and facts.dmarc_fail)
         assert sender not in config.admin_senders
         assert not v.unshared
     if v.decision is Decision.AUTHORIZED:
-        assert ticket is not None and facts.tag is not None, "only the code authorizes"
-        assert code_matches(ticket.code, facts.tag.code)
+        assert ticket is not None and code_valid, "only the code authorizes"
+        assert ticket.authorized, "and only once the owner authorized the ticket"
         assert ticket.account_id in (None, v.account_id)
     if v.decision is Decision.PENDING:
-        assert ticket is None and facts.tag is None
-        assert [a.recipient for a in v.actions if a.kind is ActionKind.AUTH_LINK] == [facts.sender]
-    assert v.authorizes_ticket == bool(
-        ticket and not ticket.authorized and v.decision is Decision.AUTHORIZED
-    )
+        if ticket is None:
+            assert facts.tag is None
+            assert [a.recipient for a in v.mails if a.kind is MailKind.AUTH_REQUEST] == [sender]
+        else:
+            assert not ticket.authorized and code_valid
+            assert set(kinds) == {MailKind.STAFF}
     assert v.reopen == bool(ticket and ticket.closed and v.decision is Decision.AUTHORIZED)
+    if v.rotate_code:
+        assert code_valid and (not sender_eligible or v.unshared)
+    elif code_valid:
+        assert sender_eligible and not v.unshared, "a leaked code must be replaced"

@@ -14,22 +14,22 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from iqmaild.core.facts import DirectoryView, MessageFacts, PolicyConfig, TicketView
+from iqmaild.core.facts import DirectoryView, MessageFacts, PolicyConfig, ReturnedView, TicketView
 from iqmaild.core.policy import (
     AUTHORIZATION_RULES,
     LOOP_RULES,
-    ActionKind,
     TicketAction,
     Verdict,
     classify,
 )
 from iqmaild.core.tag import TagMatch
-from iqmaild.core.vocabulary import Channel, Decision, Reason, Role
+from iqmaild.core.vocabulary import Channel, Decision, MailKind, Reason, Role
 from tests.core.invariants import check_verdict
 from tests.core.world import (
     ADMIN_ROBOT,
     ALL_ADDRESSES,
     BOSS,
+    CHIEF,
     CONFIG,
     DESK,
     DEV,
@@ -52,11 +52,14 @@ from tests.core.world import (
     WRONG_CODE,
     ActionSpec,
     ack,
+    code_changed,
     link,
     mail,
     notice,
+    refusal,
     tag,
     tag_with,
+    ticket,
 )
 
 QUIET = replace(CONFIG, notify_unknown_senders=False)
@@ -80,6 +83,7 @@ class Case:
     directory: DirectoryView = DIRECTORY
     config: PolicyConfig = CONFIG
     also: Mapping[str, object] = field(default_factory=dict)
+    returned: ReturnedView | None = None
 
 
 def loop(
@@ -147,7 +151,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.AMBIGUOUS_ACCOUNT,),
         NEW,
-        (STAFF, notice(DEV, code=False)),
+        (STAFF, refusal(DEV)),
         also={"account_id": None, "service_id": None, "rules_hit": ("ambiguous_account",)},
     ),
     Case(
@@ -156,7 +160,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.AMBIGUOUS_ACCOUNT,),
         NEW,
-        (STAFF, notice(DEV, code=False)),
+        (STAFF, refusal(DEV)),
         config=QUIET,
     ),
     Case(
@@ -200,7 +204,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.TECHNICAL_ADDRESS,),
         NEW,
-        (STAFF, notice(TECH, code=False)),
+        (STAFF, refusal(TECH)),
         also={
             "account_id": "acme",
             "sender_role": Role.TECHNICAL,
@@ -213,7 +217,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.ADDITIONAL_ADDRESS,),
         NEW,
-        (STAFF, notice(EXTRA, code=False)),
+        (STAFF, refusal(EXTRA)),
         also={"sender_role": Role.ADDITIONAL, "rules_hit": ("additional_address",)},
     ),
     Case(
@@ -222,7 +226,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.TECHNICAL_ADDRESS,),
         NEW,
-        (STAFF, notice(TECH, code=False)),
+        (STAFF, refusal(TECH)),
         config=QUIET,
     ),
     Case(
@@ -231,9 +235,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.TECHNICAL_ADDRESS,),
         ATTACH,
-        (STAFF, notice(TECH, code=False)),
+        (STAFF, refusal(TECH), code_changed(OWNER)),
         ticket=T_OPEN,
-        also={"ticket_number": 1000, "authorizes_ticket": False},
+        also={"ticket_number": 1000, "rotate_code": True},
     ),
     Case(
         "technical-with-unshared-cc",
@@ -241,7 +245,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.TECHNICAL_ADDRESS, R.UNSHARED_CC),
         NEW,
-        (STAFF, notice(TECH, code=False)),
+        (STAFF, refusal(TECH)),
         also={"rules_hit": ("technical_address", "unshared_cc"), "unshared": (STRANGER,)},
     ),
     # --- From unknown ---
@@ -251,7 +255,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         NEW,
-        (STAFF, notice(STRANGER, code=False)),
+        (STAFF, refusal(STRANGER)),
         also={"account_id": None, "sender_role": Role.UNKNOWN, "rules_hit": ("unknown_sender",)},
     ),
     Case(
@@ -269,7 +273,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         NEW,
-        (STAFF, notice(STRANGER, code=False)),
+        (STAFF, refusal(STRANGER)),
     ),
     Case(
         "reply-to-and-sender-headers-never-grant",
@@ -277,7 +281,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         NEW,
-        (STAFF, notice(STRANGER, code=False)),
+        (STAFF, refusal(STRANGER)),
         also={"sender": STRANGER},
     ),
     Case(
@@ -286,8 +290,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         ATTACH,
-        (STAFF, notice(STRANGER, code=False)),
+        (STAFF, refusal(STRANGER), code_changed(OWNER)),
         ticket=T_OPEN,
+        also={"rotate_code": True},
     ),
     Case(
         "primary-of-other-account-on-ticket",
@@ -295,9 +300,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         ATTACH,
-        (STAFF, notice(BOSS, code=False)),
+        (STAFF, refusal(BOSS), code_changed(OWNER)),
         ticket=T_OPEN,
-        also={"account_id": "acme", "sender_role": Role.UNKNOWN},
+        also={"account_id": "acme", "sender_role": Role.UNKNOWN, "rotate_code": True},
     ),
     Case(
         # Regression: a contact with shares on two accounts was "authorized" on a
@@ -307,9 +312,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_SENDER,),
         ATTACH,
-        (STAFF, notice(DEV, code=False)),
+        (STAFF, refusal(DEV), code_changed(CHIEF)),
         ticket=T_GAMMA,
-        also={"account_id": "gamma", "authorizes_ticket": False},
+        also={"account_id": "gamma", "rotate_code": True},
     ),
     # --- To/Cc neither primary nor shared the ticket's service ---
     Case(
@@ -318,7 +323,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"unshared": (STRANGER,), "rules_hit": ("unshared_cc",)},
     ),
     Case(
@@ -327,7 +332,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"unshared": (TECH,)},
     ),
     Case(
@@ -336,7 +341,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"unshared": (BOSS,)},
     ),
     Case(
@@ -345,7 +350,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"unshared": (STRANGER, TECH)},
     ),
     Case(
@@ -373,7 +378,7 @@ CASES: tuple[Case, ...] = (
         ATTACH,
         (STAFF, notice(OWNER, code=True)),
         ticket=T_WWW,
-        also={"unshared": (MAIL_ADMIN,), "service_id": "acme-www"},
+        also={"unshared": (MAIL_ADMIN,), "service_id": "acme-www", "rotate_code": True},
     ),
     Case(
         "followup-cc-contact-of-the-tickets-service",
@@ -390,7 +395,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         NEW,
-        (STAFF, notice(MAIL_ADMIN, code=True)),
+        (STAFF, notice(MAIL_ADMIN, code=False)),
         also={"service_id": "acme-mail", "unshared": (DEV,)},
     ),
     Case(
@@ -399,13 +404,13 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         ATTACH,
-        (STAFF, notice(MAIL_ADMIN, code=False)),
+        (STAFF, refusal(MAIL_ADMIN), code_changed(OWNER)),
         ticket=T_WWW,
         also={
             "unshared": (MAIL_ADMIN,),
             "rules_hit": ("unshared_sender",),
             "sender_role": Role.SHARED,
-            "authorizes_ticket": False,
+            "rotate_code": True,
         },
     ),
     Case(
@@ -414,9 +419,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         ATTACH,
-        (STAFF, notice(TECH_SHARED, code=False)),
+        (STAFF, refusal(TECH_SHARED), code_changed(OWNER)),
         ticket=T_WWW,
-        also={"rules_hit": ("unshared_sender",)},
+        also={"rules_hit": ("unshared_sender",), "rotate_code": True},
     ),
     Case(
         "pending-ticket-valid-code-but-unshared-cc",
@@ -424,9 +429,9 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNSHARED_CC,),
         ATTACH,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         ticket=T_PENDING,
-        also={"authorizes_ticket": False},
+        also={"rotate_code": True},
     ),
     # --- DMARC fail (when enforced) ---
     Case(
@@ -435,7 +440,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.DMARC_FAIL,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"rules_hit": ("dmarc_fail",)},
     ),
     Case(
@@ -459,7 +464,7 @@ CASES: tuple[Case, ...] = (
         also={
             "ticket_number": 1000,
             "reopen": False,
-            "authorizes_ticket": False,
+            "rotate_code": False,
             "rules_hit": (),
         },
     ),
@@ -545,7 +550,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_TICKET,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"ticket_number": None, "rules_hit": ("unknown_ticket",)},
     ),
     Case(
@@ -554,7 +559,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.UNKNOWN_TICKET, R.UNKNOWN_SENDER),
         NEW,
-        (STAFF, notice(STRANGER, code=False)),
+        (STAFF, refusal(STRANGER)),
     ),
     Case(
         "closed-ticket-valid-code-reopens",
@@ -578,14 +583,14 @@ CASES: tuple[Case, ...] = (
         also={"reopen": False},
     ),
     Case(
-        "pending-ticket-valid-code-authorizes-it",
+        "pending-ticket-valid-code-waits-for-the-click",
         mail(tag=tag(T_PENDING)),
-        D.AUTHORIZED,
+        D.PENDING,
         (),
         ATTACH,
         (STAFF,),
         ticket=T_PENDING,
-        also={"authorizes_ticket": True, "reopen": False},
+        also={"reopen": False, "rotate_code": False},
     ),
     Case(
         "pending-ticket-wrong-code",
@@ -593,19 +598,19 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.CODE_MISMATCH,),
         ATTACH,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         ticket=T_PENDING,
-        also={"authorizes_ticket": False},
+        also={"rotate_code": False},
     ),
     Case(
         "ticket-without-account-primary-valid-code",
         mail(tag=tag(T_ORPHAN)),
-        D.AUTHORIZED,
+        D.PENDING,
         (),
         ATTACH,
         (STAFF,),
         ticket=T_ORPHAN,
-        also={"account_id": "acme", "authorizes_ticket": True},
+        also={"account_id": "acme", "rotate_code": False},
     ),
     Case(
         "ticket-without-account-two-account-contact",
@@ -613,7 +618,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.AMBIGUOUS_ACCOUNT,),
         ATTACH,
-        (STAFF, notice(DEV, code=False)),
+        (STAFF, refusal(DEV)),
         ticket=T_ORPHAN,
     ),
     # --- marker of the admin panel ---
@@ -623,7 +628,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.ADMIN_PANEL,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
         also={"rules_hit": ("admin_panel",)},
     ),
     Case(
@@ -632,7 +637,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.ADMIN_PANEL,),
         NEW,
-        (STAFF, notice(OWNER, code=True)),
+        (STAFF, notice(OWNER, code=False)),
     ),
     Case(
         "admin-panel-header-on-followup-with-code",
@@ -665,7 +670,7 @@ CASES: tuple[Case, ...] = (
         D.UNAUTHORIZED,
         (R.ADMIN_PANEL, R.UNKNOWN_SENDER),
         NEW,
-        (STAFF, notice(ADMIN_ROBOT, code=False)),
+        (STAFF, refusal(ADMIN_ROBOT)),
         also={"rules_hit": ("admin_panel", "unknown_sender")},
     ),
     # --- loop signals: ignored, stored, staff see it, never answered ---
@@ -737,7 +742,7 @@ CASES: tuple[Case, ...] = (
         ATTACH,
         (STAFF,),
         ticket=T_CLOSED,
-        also={"ticket_number": T_CLOSED.number, "reopen": False, "authorizes_ticket": False},
+        also={"ticket_number": T_CLOSED.number, "reopen": False},
     ),
     Case(
         "bounce-of-pending-ticket-never-authorizes",
@@ -747,7 +752,7 @@ CASES: tuple[Case, ...] = (
         ATTACH,
         (STAFF,),
         ticket=T_PENDING,
-        also={"authorizes_ticket": False},
+        also={"rotate_code": False},
     ),
     # --- panel channel ---
     Case(
@@ -841,7 +846,7 @@ CASES: tuple[Case, ...] = (
         ATTACH,
         (STAFF,),
         ticket=T_PENDING,
-        also={"authorizes_ticket": False},
+        also={"rotate_code": True},
     ),
     Case(
         "no-from-with-thread-reference",
@@ -856,11 +861,11 @@ CASES: tuple[Case, ...] = (
 
 
 def _actions(verdict: Verdict) -> tuple[ActionSpec, ...]:
-    return tuple((a.kind, a.recipient, a.include_code) for a in verdict.actions)
+    return tuple((a.kind, a.recipient, a.include_code) for a in verdict.mails)
 
 
 def _run(case: Case) -> Verdict:
-    return classify(case.facts, case.directory, case.ticket, case.config)
+    return classify(case.facts, case.directory, case.ticket, case.config, case.returned)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -875,12 +880,12 @@ def test_rule_table(case: Case) -> None:
 
 
 def test_case_ids_are_unique() -> None:
-    ids = [c.id for c in CASES]
+    ids = [c.id for c in (*CASES, *NEW_CASES)]
     assert len(ids) == len(set(ids))
 
 
 def test_table_covers_every_reason_and_rule() -> None:
-    verdicts = [_run(c) for c in CASES]
+    verdicts = [_run(c) for c in (*CASES, *NEW_CASES)]
     assert {r for v in verdicts for r in v.reasons} == set(Reason)
     rules = {rule.name for rule in (*LOOP_RULES, *AUTHORIZATION_RULES)}
     assert {name for v in verdicts for name in v.rules_hit} == rules
@@ -892,7 +897,167 @@ def test_invariants(case: Case) -> None:
     check_verdict(case.facts, case.directory, case.ticket, case.config, _run(case))
 
 
-TICKETS = (T_OPEN, T_WWW, T_CLOSED, T_PENDING, T_GAMMA, T_ORPHAN, T_BETA)
+T_WWW_BY_DEV = ticket(1007, "acme", "acme-www", requester=DEV)
+T_MAIL_BY_DEV = ticket(1008, "acme", "acme-mail", requester=DEV)  # DEV lost access since
+BOUNCE = mail("mailer-daemon@mx.acme.test", null_return_path=True, delivery_report=True)
+UNREADABLE = ("(malformed cc: Jan <jan@x.test, evil@x.test)",)
+
+NEW_CASES: tuple[Case, ...] = (
+    # --- our own mail coming back: filed under its outbox row, never a loop ---
+    Case(
+        "returned-report-about-a-link-mail-is-shown-once",
+        replace(BOUNCE, returned_outbox_id=7),
+        D.IGNORED,
+        (R.BOUNCE,),
+        ATTACH,
+        (STAFF,),
+        ticket=T_PENDING,
+        returned=ReturnedView(MailKind.AUTH_REQUEST, reported=False),
+        also={
+            "rules_hit": ("returned_mail", "null_return_path", "delivery_report", "daemon_sender")
+        },
+    ),
+    Case(
+        "returned-report-already-shown-is-not-copied-again",
+        replace(BOUNCE, returned_outbox_id=7),
+        D.IGNORED,
+        (R.BOUNCE,),
+        ATTACH,
+        (),
+        ticket=T_PENDING,
+        returned=ReturnedView(MailKind.AUTH_REQUEST, reported=True),
+    ),
+    Case(
+        "returned-staff-copy-is-never-copied-to-staff",
+        replace(BOUNCE, returned_outbox_id=8),
+        D.IGNORED,
+        (R.BOUNCE,),
+        ATTACH,
+        (),
+        ticket=T_OPEN,
+        returned=ReturnedView(MailKind.STAFF, reported=False),
+    ),
+    Case(
+        "returned-without-null-sender-still-a-bounce",
+        mail(STRANGER, returned_outbox_id=9),
+        D.IGNORED,
+        (R.BOUNCE,),
+        NONE,
+        (STAFF,),
+        returned=ReturnedView(MailKind.REFUSAL, reported=False),
+        also={"rules_hit": ("returned_mail",)},
+    ),
+    Case(
+        "own-mail-came-back-is-not-a-ticket",
+        mail(OWNER, own_mail=True),
+        D.IGNORED,
+        (R.AUTO_SUBMITTED,),
+        NONE,
+        (),
+        also={"rules_hit": ("own_mail_returned",)},
+    ),
+    Case(
+        "routing-loop-hop-limit",
+        mail(OWNER, hops=31),
+        D.IGNORED,
+        (R.AUTO_SUBMITTED,),
+        NONE,
+        (),
+        also={"rules_hit": ("hop_limit",)},
+    ),
+    Case(
+        "hops-at-the-limit-are-fine", mail(OWNER, hops=30), D.PENDING, (), NEW, (STAFF, link(OWNER))
+    ),
+    Case(
+        "mailing-list-carrying-the-code-replaces-it",
+        mail(tag=tag(T_OPEN), list_id=True),
+        D.IGNORED,
+        (R.MAILING_LIST,),
+        ATTACH,
+        (STAFF,),
+        ticket=T_OPEN,
+        also={"rotate_code": True},
+    ),
+    Case(
+        "auto-reply-of-the-owner-carrying-the-code-keeps-it",
+        mail(tag=tag(T_OPEN), auto_submitted="auto-replied"),
+        D.IGNORED,
+        (R.AUTO_SUBMITTED,),
+        ATTACH,
+        (STAFF,),
+        ticket=T_OPEN,
+        also={"rotate_code": False},
+    ),
+    # --- recipients that cannot be read whole: participants without a grant ---
+    Case(
+        "unreadable-recipient-counts-as-unshared",
+        mail(OWNER, recipients_unreadable=UNREADABLE),
+        D.UNAUTHORIZED,
+        (R.UNSHARED_CC,),
+        NEW,
+        (STAFF, notice(OWNER, code=False)),
+        also={"unshared": UNREADABLE},
+    ),
+    Case(
+        "unreadable-recipient-on-followup-with-code-replaces-the-code",
+        mail(tag=tag(T_OPEN), recipients_unreadable=UNREADABLE),
+        D.UNAUTHORIZED,
+        (R.UNSHARED_CC,),
+        ATTACH,
+        (STAFF, notice(OWNER, code=True)),
+        ticket=T_OPEN,
+        also={"rotate_code": True, "unshared": UNREADABLE},
+    ),
+    # --- a leaked code: the new one goes to who may act on the ticket ---
+    Case(
+        "leaked-code-new-code-to-the-requester",
+        mail(STRANGER, tag=tag(T_WWW_BY_DEV)),
+        D.UNAUTHORIZED,
+        (R.UNKNOWN_SENDER,),
+        ATTACH,
+        (STAFF, refusal(STRANGER), code_changed(DEV)),
+        ticket=T_WWW_BY_DEV,
+        also={"rotate_code": True},
+    ),
+    Case(
+        "leaked-code-requester-lost-access-new-code-to-the-primary",
+        mail(STRANGER, tag=tag(T_MAIL_BY_DEV)),
+        D.UNAUTHORIZED,
+        (R.UNKNOWN_SENDER,),
+        ATTACH,
+        (STAFF, refusal(STRANGER), code_changed(OWNER)),
+        ticket=T_MAIL_BY_DEV,
+        also={"rotate_code": True},
+    ),
+    Case(
+        "leaked-code-of-a-pending-ticket-mails-no-code",
+        mail(STRANGER, tag=tag(T_PENDING)),
+        D.UNAUTHORIZED,
+        (R.UNKNOWN_SENDER,),
+        ATTACH,
+        (STAFF, refusal(STRANGER)),
+        ticket=T_PENDING,
+        also={"rotate_code": True},
+    ),
+    Case(
+        "reply-to-the-link-mail-carries-no-code-and-authorizes-nothing",
+        mail(tag=tag_with(T_PENDING, None), thread_ticket=T_PENDING.number),
+        D.UNAUTHORIZED,
+        (R.CODE_MISSING,),
+        ATTACH,
+        (STAFF, notice(OWNER, code=False)),
+        ticket=T_PENDING,
+    ),
+)
+
+
+@pytest.mark.parametrize("case", NEW_CASES, ids=[c.id for c in NEW_CASES])
+def test_returned_mail_loops_and_leaks(case: Case) -> None:
+    test_rule_table(case)
+    test_invariants(case)
+
+
+TICKETS = (T_OPEN, T_WWW, T_CLOSED, T_PENDING, T_GAMMA, T_ORPHAN, T_BETA, T_WWW_BY_DEV)
 PEOPLE = (*ALL_ADDRESSES, STRANGER, ADMIN_ROBOT)
 CCS = ((), (STRANGER,), (TECH,), (DEV,), (MAIL_ADMIN,), (OWNER, DESK), (BOSS,))
 
@@ -917,6 +1082,8 @@ def _sweep() -> list[tuple[MessageFacts, TicketView | None]]:
             for t in TICKETS:
                 for found in (tag(t), tag_with(t, WRONG_CODE), tag_with(t, None), None):
                     out.append((mail(sender, cc=cc, tag=found, thread_ticket=t.number), t))
+                out.append((mail(sender, cc=cc, tag=tag(t), list_id=True), t))
+                out.append((mail(sender, cc=cc, tag=tag(t), recipients_unreadable=UNREADABLE), t))
     return out
 
 
@@ -924,9 +1091,9 @@ def _sweep() -> list[tuple[MessageFacts, TicketView | None]]:
 def test_invariants_over_the_whole_directory(config: PolicyConfig) -> None:
     sweep = _sweep()
     assert len(sweep) > 2000
-    for facts, ticket in sweep:
-        verdict = classify(facts, DIRECTORY, ticket, config)
-        check_verdict(facts, DIRECTORY, ticket, config, verdict)
+    for facts, view in sweep:
+        verdict = classify(facts, DIRECTORY, view, config)
+        check_verdict(facts, DIRECTORY, view, config, verdict)
 
 
 def test_identity_is_the_from_mailbox_only() -> None:
@@ -938,19 +1105,20 @@ def test_identity_is_the_from_mailbox_only() -> None:
     assert mail(OWNER, from_defect=True).sender is None
 
 
-def test_notice_to_non_eligible_sender_never_has_the_code() -> None:
-    not_eligible = [
-        c for c in CASES if c.facts.sender is not None and _run(c).decision is Decision.UNAUTHORIZED
-    ]
+def test_only_eligible_senders_hear_of_the_ticket() -> None:
+    """A notice (naming the ticket) only to who may act on it; everyone else a refusal."""
     checked = 0
-    for case in not_eligible:
+    for case in CASES:
         v = _run(case)
+        if v.decision is not Decision.UNAUTHORIZED or case.facts.sender is None:
+            continue
         eligible = v.account_id is not None and case.directory.may_act(
-            case.facts.sender or "", v.account_id, v.service_id
+            case.facts.sender, v.account_id, v.service_id
         )
-        for action in v.actions:
-            if action.kind is ActionKind.NOTICE:
-                assert action.include_code == eligible, case.id
+        for intent in v.mails:
+            if intent.kind in (MailKind.NOTICE, MailKind.REFUSAL):
+                assert intent.kind is (MailKind.NOTICE if eligible else MailKind.REFUSAL), case.id
+                assert not intent.include_code or (case.ticket and case.ticket.authorized)
                 checked += 1
     assert checked > 20
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from iqmaild.core.threadref import find_ticket_reference, make_message_id
+from iqmaild.core.threadref import find_ticket_reference, is_ours, make_message_id
 
 KEY = b"k" * 32
 DOMAIN = "desk.test"
@@ -37,9 +37,8 @@ def test_unique_with_uppercase_is_signed_as_found() -> None:
 def test_a_unique_the_finder_cannot_read_is_refused(unique: str) -> None:
     with pytest.raises(ValueError):
         make_message_id(KEY, 7, unique, DOMAIN)
-    assert (
-        make_message_id(KEY, None, "0123456789abcdef", DOMAIN) == "<iq.0123456789abcdef@desk.test>"
-    )
+    with pytest.raises(ValueError):
+        make_message_id(KEY, None, unique, DOMAIN)
 
 
 def test_forged_signature_rejected() -> None:
@@ -82,14 +81,19 @@ def test_newest_reference_wins() -> None:
 
 
 def test_ids_without_ticket_number() -> None:
+    """Mail that must not thread with a ticket (a refusal) names none, but is still ours."""
     bare = _mid(None)
-    assert bare == "<iq.0123456789abcdef@desk.test>"
+    assert re.fullmatch(r"<iq\.0\.0123456789abcdef\.[0-9a-f]{16}@desk\.test>", bare)
     assert find_ticket_reference(KEY, DOMAIN, bare) is None
+    assert is_ours(KEY, DOMAIN, bare) and is_ours(KEY, DOMAIN, _mid(7))
+    assert not is_ours(KEY, DOMAIN, bare.replace("<iq.0.", "<iq.1."))
+    assert not is_ours(b"other-key", DOMAIN, bare)
+    assert not is_ours(KEY, DOMAIN, "<CAF=abc@mail.gmail.com>")
     assert find_ticket_reference(KEY, DOMAIN, "", "<CAF=abc@mail.gmail.com> <x@y>") is None
     assert find_ticket_reference(KEY, DOMAIN) is None
     assert find_ticket_reference(KEY, DOMAIN, "", "") is None
 
 
-def test_refuses_non_positive_numbers() -> None:
+def test_refuses_negative_numbers() -> None:
     with pytest.raises(ValueError):
-        make_message_id(KEY, 0, "0123456789abcdef", DOMAIN)
+        make_message_id(KEY, -1, "0123456789abcdef", DOMAIN)

@@ -19,9 +19,8 @@ from iqmaild.core.facts import (
     ShareEntry,
     TicketView,
 )
-from iqmaild.core.policy import ActionKind
 from iqmaild.core.tag import TagMatch, derive_code
-from iqmaild.core.vocabulary import Channel, Role
+from iqmaild.core.vocabulary import Channel, MailKind, Role
 
 KEY = b"k" * 32
 DESK = "bok@desk.test"
@@ -88,6 +87,9 @@ CONFIG = PolicyConfig(
 )
 
 
+PRIMARY_OF = {a.id: a.primary for a in ACCOUNTS}
+
+
 def ticket(
     number: int,
     account_id: str | None,
@@ -95,9 +97,19 @@ def ticket(
     *,
     closed: bool = False,
     authorized: bool = True,
+    requester: str | None = None,
 ) -> TicketView:
     code = derive_code(KEY, number, b"nonce-%d" % number)
-    return TicketView(number, code, account_id, service_id, closed=closed, authorized=authorized)
+    return TicketView(
+        number,
+        code,
+        account_id,
+        service_id,
+        closed=closed,
+        authorized=authorized,
+        requester=requester,
+        primary=PRIMARY_OF.get(account_id or ""),
+    )
 
 
 T_OPEN = ticket(1000, "acme")  # like the harness's ticket 1000: no service
@@ -145,17 +157,28 @@ def mail(
     )
 
 
-ActionSpec = tuple[ActionKind, str | None, bool]
-STAFF: ActionSpec = (ActionKind.STAFF, None, False)
+ActionSpec = tuple[MailKind, str | None, bool]
+STAFF: ActionSpec = (MailKind.STAFF, None, False)
 
 
 def link(recipient: str) -> ActionSpec:
-    return (ActionKind.AUTH_LINK, recipient, True)
+    """The authorization request never carries the code (an auto-reply would return it)."""
+    return (MailKind.AUTH_REQUEST, recipient, False)
 
 
 def notice(recipient: str, *, code: bool) -> ActionSpec:
-    return (ActionKind.NOTICE, recipient, code)
+    """To a sender who may act on the ticket; the code only once the ticket is authorized."""
+    return (MailKind.NOTICE, recipient, code)
+
+
+def refusal(recipient: str) -> ActionSpec:
+    """To anyone else: names no ticket, carries no code."""
+    return (MailKind.REFUSAL, recipient, False)
+
+
+def code_changed(recipient: str) -> ActionSpec:
+    return (MailKind.CODE_CHANGED, recipient, True)
 
 
 def ack(recipient: str) -> ActionSpec:
-    return (ActionKind.ACKNOWLEDGEMENT, recipient, True)
+    return (MailKind.ACKNOWLEDGEMENT, recipient, True)

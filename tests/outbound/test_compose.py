@@ -70,12 +70,13 @@ async def test_subject_cannot_inject_headers_into_our_mail(desk: Harness, name: 
     customer_mail = captured_to(desk, OWNER)
     assert len(customer_mail) == 2
     tag = await desk.tag(1000)
-    for content in customer_mail:
+    # The link mail names the ticket without its code; the acknowledgement carries it.
+    for content, expected in zip(customer_mail, ("[IQ.pl#1000]", tag), strict=True):
         msg = parse(content)
         assert msg["Bcc"] is None and msg["Cc"] is None
-        assert not re.search(rb"(?im)^(bcc|cc|x-iq-[a-z-]*)\s*:", content)
+        assert not re.search(rb"(?im)^(bcc|cc|x-iq-(?!loop:)[a-z-]*)\s*:", content)
         subject = str(msg["Subject"])
-        assert subject.count(tag) == 1
+        assert subject.count(expected) == 1 and subject.lower().count("[iq.pl#") == 1
         assert "Faktura" in subject
         assert "\r" not in subject and "\n" not in subject
         assert msg["To"] == OWNER
@@ -96,13 +97,18 @@ async def test_tag_appears_once_even_when_the_customer_subject_carries_it(
 ) -> None:
     await desk.send(subject="Problem z pocztą")
     await desk.drain()
-    tag = await desk.tag(1000)
+    [auth] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    async with desk.http.post(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 200  # authorized: notices may carry the code now
+    await desk.drain()
     desk.new_mail()
+    tag = await desk.tag(1000)
     subject_in = template.format(tag=tag, code_upper=(await desk.code(1000)).upper())
     # A follow-up that earns a notice to the owner (unshared Cc or missing code).
     await desk.send(subject=subject_in, cc=["stranger@elsewhere.test"])
     await desk.drain()
     [notice] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    tag = await desk.tag(1000)  # the Cc saw the code: the notice carries a new one
     subject = str(notice["Subject"])
     assert subject.count(tag) == 1
     assert subject.lower().count("[iq.pl#") == 1
@@ -209,7 +215,8 @@ async def test_staff_delivery_replaces_every_incoming_x_iq_header(desk: Harness)
     assert b"forgery" not in staff
     assert b"X-IQ-Message: 999" not in staff
     x_iq = [line for line in header_lines(staff) if line.lower().startswith(b"x-iq-")]
-    assert len(x_iq) == len(VERDICT_HEADERS)
+    names = sorted(line.split(b":", 1)[0].decode() for line in x_iq)
+    assert names == sorted([*VERDICT_HEADERS, "X-IQ-Loop"])  # ours only, once each
     # What is not a header stays: the Subject's folded text and the body.
     assert b"authorized-but-part-of-subject" in head_of(staff)
     assert staff.endswith(b"\r\n\r\nX-IQ-Authorization: authorized in the body is only text\r\n")
