@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,3 +42,15 @@ async def any_desk(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
             yield h
         finally:
             await stop_harness(h)
+
+
+@pytest.fixture
+def break_messages_table(tmp_path: Path):
+    """Make the real database refuse the intake: rename the messages table away."""
+
+    def apply(broken: bool) -> None:
+        old, new = ("messages", "messages_away") if broken else ("messages_away", "messages")
+        with sqlite3.connect(tmp_path / "iqmaild.db", timeout=15) as conn:
+            conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    return apply

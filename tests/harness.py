@@ -135,7 +135,8 @@ class Harness:
         def run() -> tuple[int, str]:
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.ehlo("client.test")
-                code, text = client.mail(mail_from)
+                utf8 = not (mail_from + "".join(rcpts)).isascii()
+                code, text = client.mail(mail_from, ["SMTPUTF8"] if utf8 else [])
                 if code != 250:
                     return code, text.decode()
                 accepted = 0
@@ -187,6 +188,21 @@ class Harness:
 
     async def drain(self) -> None:
         await self.daemon.drain()
+
+    async def authorized_ticket(self, subject: str = "Problem z pocztą") -> int:
+        """A new ticket from the primary address, confirmed with its link (the code is out)."""
+        await self.send(subject=subject)
+        await self.drain()
+        auth = next(m for m in self.new_mail() if m.envelope_to == ["owner@acme.test"])
+        async with self.http.post(self.base_url + link_in(auth)) as resp:
+            assert resp.status == 200, await resp.text()
+        await self.drain()
+        self.new_mail()
+        row = await self.last_message()
+        async with self.db.read() as session:
+            ticket = await session.get(Ticket, row.ticket_id)
+            assert ticket is not None and ticket.authorization == "authorized"
+            return ticket.number
 
     # -- looking ----------------------------------------------------------
     def new_mail(self) -> list[EmailMessage]:

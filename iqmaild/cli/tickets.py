@@ -206,47 +206,48 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
     click.echo(f"ticket {number}: reply to {recipient} queued")
 
 
+async def reissue_link(config: Any, db: Any, number: int) -> str:
+    """A new link for a ticket still waiting for its owner; every earlier one is spent."""
+    from iqmaild.service import build_desk
+
+    desk = build_desk(config)
+    async with db.transaction() as session:
+        t = await _ticket(session, number)
+        if t.authorization == "authorized":
+            raise LookupError(f"ticket {number} is already authorized")
+        if not t.requester or not t.account_id:
+            raise LookupError(f"ticket {number} has no requester who could authorize it")
+        directory = await view_for(session, [t.requester])
+        if not directory.may_act(t.requester, t.account_id, t.service_id):
+            raise LookupError(f"{t.requester} may not act on ticket {number}")
+        await session.execute(
+            update(AuthToken)
+            .where(AuthToken.ticket_id == t.id, AuthToken.used_at.is_(None))
+            .values(used_at=utcnow())
+        )
+        last = await session.scalar(
+            select(Message)
+            .where(Message.ticket_id == t.id, Message.from_address == t.requester)
+            .order_by(Message.id.desc())
+            .limit(1)
+        )
+        ids = message_ids(last.message_id) if last else []
+        intent = MailIntent(MailKind.AUTH_REQUEST, t.requester, False, AuthRequest())
+        thread = ThreadInfo(ids[0] if ids else "", (), None)
+        # An operator's decision: no rate limit stands in its way.
+        await act.issue_link(
+            session, desk, intent, ticket=t, thread=thread, message=last, check_limits=False
+        )
+        act.audit(session, "authlink.reissued", ticket=t, actor="cli")
+        return t.requester
+
+
 @ticket.command("resend-link")
 @click.argument("number", type=int)
 @click.pass_context
 def ticket_resend_link(ctx: click.Context, number: int) -> None:
     """Mail a new authorization link to the ticket's requester; earlier links are spent."""
-
-    async def work(config, db):  # type: ignore[no-untyped-def]
-        from iqmaild.service import build_desk
-
-        desk = build_desk(config)
-        async with db.transaction() as session:
-            t = await _ticket(session, number)
-            if t.authorization == "authorized":
-                raise LookupError(f"ticket {number} is already authorized")
-            if not t.requester or not t.account_id:
-                raise LookupError(f"ticket {number} has no requester who could authorize it")
-            directory = await view_for(session, [t.requester])
-            if not directory.may_act(t.requester, t.account_id, t.service_id):
-                raise LookupError(f"{t.requester} may not act on ticket {number}")
-            await session.execute(
-                update(AuthToken)
-                .where(AuthToken.ticket_id == t.id, AuthToken.used_at.is_(None))
-                .values(used_at=utcnow())
-            )
-            last = await session.scalar(
-                select(Message)
-                .where(Message.ticket_id == t.id, Message.from_address == t.requester)
-                .order_by(Message.id.desc())
-                .limit(1)
-            )
-            ids = message_ids(last.message_id) if last else []
-            intent = MailIntent(MailKind.AUTH_REQUEST, t.requester, False, AuthRequest())
-            thread = ThreadInfo(ids[0] if ids else "", (), None)
-            # An operator's decision: no rate limit stands in its way.
-            await act.issue_link(
-                session, desk, intent, ticket=t, thread=thread, message=last, check_limits=False
-            )
-            act.audit(session, "authlink.reissued", ticket=t, actor="cli")
-            return t.requester
-
-    recipient = run_job(ctx, work)
+    recipient = run_job(ctx, lambda config, db: reissue_link(config, db, number))
     click.echo(f"ticket {number}: new link to {recipient} queued; earlier links no longer work")
 
 

@@ -25,15 +25,21 @@ from iqmaild.metrics import Metrics
 _SIZE = re.compile(r"^SIZE=(\d{1,15})$", re.IGNORECASE)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ENVELOPE_LIMIT = 500  # what the database column holds, on every back end
+
+
 def wire_text(value: str | None) -> str:
-    """Envelope text from the wire: bytes that are not UTF-8 become visible escapes,
-    so one bad address can neither fail a commit nor be stored ambiguously."""
+    """Envelope text from the wire, safe to store: bytes that are not UTF-8 and control
+    characters become visible escapes, and it is cut to what the column holds, so one
+    bad address can neither fail a commit nor be stored ambiguously."""
     text = value or ""
     try:
         text.encode("utf-8")
-        return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text[:ENVELOPE_LIMIT]
 
 
 class Limits:

@@ -26,13 +26,32 @@ class Captured:
 class CaptureRelay:
     directory: Path | None = None
     messages: list[Captured] = field(default_factory=list)
-    # Scripted replies for tests: each RCPT/DATA pops the next one, if any.
+    # Scripted replies for tests: each MAIL/RCPT/DATA pops the next one, if any
+    # ("250" lets that command through as usual).
+    mail_replies: list[str] = field(default_factory=list)
     rcpt_replies: list[str] = field(default_factory=list)
     data_replies: list[str] = field(default_factory=list)
+    data_delay: float = 0.0  # seconds before the reply to DATA (a slow relay)
     on_message: Any = None
     server: asyncio.AbstractServer | None = None
     port: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self.mail_replies:
+            reply = self.mail_replies.pop(0)
+            if not reply.startswith("250"):
+                return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self,
@@ -50,6 +69,8 @@ class CaptureRelay:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_replies:
             reply = self.data_replies.pop(0)
             if not reply.startswith("250"):

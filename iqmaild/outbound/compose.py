@@ -28,6 +28,19 @@ from iqmaild.rendering import Renderer
 
 # SMTP line endings; long ASCII ids fold at spaces, never into encoded words.
 MAIL_POLICY = policy.SMTP.clone(max_line_length=998)
+# RFC 6531: to a UTF-8 local part the headers are UTF-8 too (sent with SMTPUTF8).
+MAIL_POLICY_UTF8 = policy.SMTPUTF8.clone(max_line_length=998)
+
+
+def policy_for(*addresses: str) -> Any:
+    return MAIL_POLICY if all(a.isascii() for a in addresses) else MAIL_POLICY_UTF8
+
+
+def address_header(address: str) -> Any:
+    """An address for a To/From header; a UTF-8 local part goes in as plain text."""
+    return Address(addr_spec=address) if address.isascii() else address
+
+
 _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
 _XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
 
@@ -109,9 +122,10 @@ class Composer:
             panel_url=self.config.notices.panel_url,
             **ctx,
         )
-        msg = EmailMessage(policy=MAIL_POLICY)
+        mail_policy = policy_for(recipient)
+        msg = EmailMessage(policy=mail_policy)
         msg["From"] = self.config.outbound.from_
-        msg["To"] = Address(addr_spec=recipient)
+        msg["To"] = address_header(recipient)
         subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
         msg["Subject"] = clean_text(subject, 900)
         msg["Date"] = format_datetime(_now(), usegmt=True)
@@ -127,7 +141,7 @@ class Composer:
             msg.add_alternative(
                 rendered.html, subtype="html", charset="utf-8", cte="quoted-printable"
             )
-        return Composed(msg.as_bytes(policy=MAIL_POLICY), message_id)
+        return Composed(msg.as_bytes(policy=mail_policy), message_id)
 
     def _thread_headers(self, msg: EmailMessage, thread: ThreadInfo | None, topic: str) -> None:
         if thread is None:

@@ -76,6 +76,7 @@ class OutboxWorker:
         self._last_lease_check = float("-inf")
         self._idle_since = 0.0
         self._accepted: dict[int, _Accepted] = {}
+        self._claimed: list[OutboxItem] = []  # claimed by us, not yet attempted
         # For /healthz: when the relay last took a mail, and the last failure.
         self.last_relay_success: float | None = None
         self.last_relay_failure: tuple[float, str] | None = None
@@ -124,8 +125,14 @@ class OutboxWorker:
             await self._disconnect()
 
     async def drain(self) -> int:
-        """Send everything that is due now; returns how many rows were attempted."""
+        """Send everything that is due now; returns how many rows were attempted.
+
+        While the database does not take the 'sent' mark of a row the relay
+        accepted, nothing more is sent: every such row is a duplicate if we die.
+        """
         await self._finish_accepted()
+        if self._accepted:
+            return 0
         now = asyncio.get_running_loop().time()
         if now - self._last_lease_check > LEASE_SECONDS / 2:
             self._last_lease_check = now
@@ -134,14 +141,17 @@ class OutboxWorker:
                 self.log.warning("outbox.requeued", rows=requeued)
         total = 0
         while True:
-            items = await self._claim()
-            if not items:
+            if not self._claimed:
+                self._claimed = await self._claim()
+            if not self._claimed:
                 return total
-            for item in items:
+            while self._claimed:
+                item = self._claimed.pop(0)
                 async with self.delivering:
                     await self._deliver(item)
                 total += 1
-            await self._finish_accepted()
+                if self._accepted:
+                    return total  # its mark did not commit: stop until it does
 
     async def _seconds_to_next_due(self) -> float:
         if self._accepted:
@@ -306,6 +316,7 @@ class OutboxWorker:
     async def release_claims(self) -> int:
         """On a graceful stop: rows this instance claimed but did not send go back."""
         await self._finish_accepted()
+        self._claimed.clear()
         async with self.db.transaction(priority="background") as session:
             query = update(OutboxItem).where(
                 OutboxItem.state == "sending", OutboxItem.claimed_by == self.instance

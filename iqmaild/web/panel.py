@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
@@ -13,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from iqmaild.ingest.parse import clean_text
 from iqmaild.ingest.store import Incoming
-from iqmaild.outbound.compose import MAIL_POLICY
+from iqmaild.outbound.compose import address_header, policy_for
 from iqmaild.process.desk import Desk
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import primary_of
@@ -55,16 +54,18 @@ async def create_ticket(
     if contact is None:
         return web.json_response({"error": "account has no primary address"}, status=409)
 
-    msg = EmailMessage(policy=MAIL_POLICY)
-    msg["From"] = Address(addr_spec=contact)
-    msg["To"] = Address(addr_spec=desk.config.smtp.desk_addresses[0])
+    desk_address = desk.config.smtp.desk_addresses[0]
+    mail_policy = policy_for(contact, desk_address)
+    msg = EmailMessage(policy=mail_policy)
+    msg["From"] = address_header(contact)
+    msg["To"] = address_header(desk_address)
     msg["Subject"] = clean_text(data.subject, 500)
     msg["Date"] = format_datetime(utcnow(), usegmt=True)
     # Not one of our signed ids: those mark our own mail coming back (a loop).
     msg["Message-ID"] = f"<panel.{secrets.token_hex(10)}@{desk.composer.domain}>"
     msg.set_content(data.body, charset="utf-8", cte="quoted-printable")
     item = Incoming(
-        raw=msg.as_bytes(),
+        raw=msg.as_bytes(policy=mail_policy),
         mail_from=contact,
         rcpt_to=[],
         channel="panel",

@@ -63,3 +63,16 @@ async def test_a_from_too_long_to_parse_whole_is_malformed(desk: Harness) -> Non
     row = await desk.last_message()
     assert (row.decision, row.reasons) == ("unauthorized", ["malformed_sender"])
     assert all(m.rcpt_tos == [STAFF] for m in desk.relay.messages)  # no link to the owner
+
+
+async def test_the_admin_marker_counts_after_any_number_of_headers(desk: Harness) -> None:
+    """Only the first 200 headers used to be read: the marker after them was missed."""
+    junk = "".join(f"X-Filler-{i}: {i}\r\n" for i in range(500))
+    raw = (
+        f"From: owner@acme.test\r\nTo: {DESK}\r\nSubject: zmiana\r\n{junk}"
+        "X-Mailer: IQ.Admin 4.2\r\nMessage-ID: <late-marker@client.test>\r\n\r\nx\r\n"
+    ).encode()
+    assert (await desk.send_raw(raw))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.reasons) == ("unauthorized", ["admin_panel"])

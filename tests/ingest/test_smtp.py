@@ -226,18 +226,6 @@ async def test_250_comes_only_after_the_commit_with_the_exact_bytes(
     assert rows[0][2] == "owner@acme.test"
 
 
-@pytest.fixture
-def break_messages_table(tmp_path: Path):
-    """Make the real database refuse the intake: rename the messages table away."""
-
-    def apply(broken: bool) -> None:
-        old, new = ("messages", "messages_away") if broken else ("messages_away", "messages")
-        with sqlite3.connect(db_file(tmp_path), timeout=15) as conn:
-            conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
-
-    return apply
-
-
 async def test_storage_failure_answers_451_430_and_the_retry_succeeds(
     desk: Harness, tmp_path: Path, break_messages_table
 ) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from iqmaild import logs
 from iqmaild.outbound.capture import CaptureRelay
 from iqmaild.service import Daemon
-from iqmaild.storage.models import Message, OutboxItem, utcnow
+from iqmaild.storage.models import AuthToken, Message, OutboxItem, Suppression, utcnow
 from tests.harness import STAFF, Harness, start_harness, stop_harness
 
 OWNER = "owner@acme.test"
@@ -413,3 +413,136 @@ async def test_a_graceful_stop_hands_back_claimed_rows(desk: Harness) -> None:
     assert set(rows) == {("queued", None)}
     desk.daemon = Daemon(desk.config)  # the harness stops whatever runs at the end
     await desk.daemon.start(background=False)
+
+
+# -- failure modes that once duplicated or lost mail (issue 5, item 10) -------
+
+
+async def test_a_relay_refusing_us_at_mail_is_retried_not_failed(desk: Harness) -> None:
+    """Three seconds of 554 from a misconfigured relay must not fail links and staff copies."""
+    desk.relay.mail_replies.extend(["554 5.7.1 Relay access denied"] * 4)
+    await desk.send()
+    await desk.drain()
+    assert {r.state for r in await outbox(desk)} == {"queued"}
+    while desk.relay.mail_replies:
+        await wait_until_due(desk)
+        await desk.drain()
+    await wait_until_due(desk)
+    await desk.drain()
+    assert {r.state for r in await outbox(desk)} == {"sent"}
+    assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, STAFF])
+
+
+async def test_a_refused_recipient_fails_the_mail_and_suppresses_the_address(
+    desk: Harness,
+) -> None:
+    desk.relay.rcpt_replies.append("550 5.1.1 <owner@acme.test>: no such user")
+    await desk.send()
+    await desk.drain()
+    rows = by_kind(await outbox(desk))
+    assert (rows["auth_request"].state, rows["auth_request"].content) == ("failed", b"")
+    async with desk.db.read() as session:
+        suppression = await session.get(Suppression, OWNER)
+        tokens = list(await session.scalars(select(AuthToken)))
+    assert suppression is not None and "5.1.1" in suppression.reason
+    assert [t.used_at is not None for t in tokens] == [True]  # a link that cannot arrive is spent
+
+
+async def test_a_staff_copy_refused_for_good_is_retried_until_an_operator_acts(
+    logged: tuple[Harness, io.StringIO],
+) -> None:
+    desk, stream = logged
+    desk.relay.rcpt_replies.extend(["250", "550 5.1.1 staff mailbox is gone"])
+    await desk.send()
+    await desk.drain()
+    staff = by_kind(await outbox(desk))["staff"]
+    assert staff.state == "queued" and "550" in (staff.last_error or "")
+    assert [e["outbox"] for e in events(stream, "outbox.staff_refused")] == [staff.id]
+    async with desk.db.transaction() as session:  # ten days of it: still never given up
+        await session.execute(update(OutboxItem).values(created_at=utcnow() - timedelta(days=10)))
+    await wait_until_due(desk)
+    await desk.drain()
+    assert by_kind(await outbox(desk))["staff"].state == "sent"
+
+
+async def test_a_staff_copy_too_large_for_the_relay_reaches_staff_as_a_summary(
+    desk: Harness,
+) -> None:
+    desk.relay.data_replies.extend(["250", "552 5.3.4 Message size exceeds fixed limit"])
+    attachment = "A" * 200_000
+    await desk.send(body=f"Załącznik:\n{attachment}\n")
+    await desk.drain()  # refused: replaced by a summary and queued at once
+    await desk.drain()
+    row = await desk.last_message()
+    [summary] = [m for m in desk.new_mail() if m.envelope_to == [STAFF]]
+    assert summary["X-IQ-Message"] == str(row.id) and summary["X-IQ-Authorization"] == "pending"
+    assert summary["X-IQ-Summary"] and summary["Subject"] == "Problem z pocztą"
+    text = summary.get_content()
+    assert f"iqmaild message show {row.id} --raw" in text
+    assert len(summary.as_bytes()) < 30_000
+
+
+async def test_the_end_of_data_may_take_longer_than_a_command(tmp_path: Path) -> None:
+    """RFC 5321 §4.5.3.2: the reply to the end of DATA deserves minutes; a short timeout
+    there made a slow relay deliver the same mail again and again."""
+    desk = await start_harness(tmp_path, outbound={"connect_timeout": 0.3, "data_timeout": 10})
+    try:
+        desk.relay.data_delay = 1.0
+        await desk.send()
+        await desk.drain()
+        assert {r.state for r in await outbox(desk)} == {"sent"}
+        assert len(desk.relay.messages) == 2  # each exactly once
+    finally:
+        await stop_harness(desk)
+
+
+async def test_a_failure_marking_a_row_sent_never_sends_it_again(
+    desk: Harness, tmp_path: Path
+) -> None:
+    """The relay accepted; the 'sent' mark fails: the row is not sent a second time."""
+    path = tmp_path / "iqmaild.db"
+    broken = False
+
+    def sabotage(_item: Any, _path: Any) -> None:
+        nonlocal broken
+        if not broken:  # after the relay took the first mail, the database refuses writes
+            broken = True
+            with sqlite3.connect(path, timeout=15) as conn:
+                conn.execute("ALTER TABLE outbox RENAME TO outbox_away")
+
+    desk.relay.on_message = sabotage
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    await desk.daemon.outbox.drain()  # the mark fails: nothing more is sent meanwhile
+    await desk.daemon.outbox.drain()
+    assert len(desk.relay.messages) == 1
+    with sqlite3.connect(path, timeout=15) as conn:
+        assert {r[0] for r in conn.execute("SELECT state FROM outbox_away")} == {"sending"}
+        conn.execute("ALTER TABLE outbox_away RENAME TO outbox")
+    await desk.daemon.outbox.drain()  # the marks first, before anything is claimed
+    await desk.daemon.outbox.drain()
+    assert {r.state for r in await outbox(desk)} == {"sent"}
+    recipients = sorted(m.rcpt_tos[0] for m in desk.relay.messages)
+    assert recipients == sorted([OWNER, STAFF])  # each once
+
+
+async def test_customer_mail_gives_up_by_age_and_a_failed_link_can_be_reissued(
+    desk: Harness,
+) -> None:
+    await desk.relay.stop()  # the relay is down for days
+    await desk.send()
+    await desk.daemon.classifier.drain()
+    async with desk.db.transaction() as session:
+        await session.execute(update(OutboxItem).values(created_at=utcnow() - timedelta(days=6)))
+    await desk.daemon.outbox.drain()
+    rows = by_kind(await outbox(desk))
+    assert (rows["auth_request"].state, rows["staff"].state) == ("failed", "queued")
+    assert rows["auth_request"].content == b""  # and its link spent
+    from iqmaild.cli.tickets import reissue_link
+
+    await reissue_link(desk.config, desk.db, 1000)
+    async with desk.db.read() as session:
+        tokens = list(await session.scalars(select(AuthToken).order_by(AuthToken.id)))
+    assert [t.used_at is None for t in tokens] == [False, True]
+    queued = [r for r in await outbox(desk) if r.state == "queued" and r.kind == "auth_request"]
+    assert len(queued) == 1

@@ -83,3 +83,22 @@ async def test_background_writers_still_get_turns_under_sustained_intake(tmp_pat
         stop.set()
         await asyncio.gather(*producers)
         await db.dispose()
+
+
+async def test_the_database_files_are_owner_only(tmp_path: Path) -> None:
+    """The database holds customers' mail: 0600, and SQLite's -wal/-shm follow it."""
+    import os
+    import stat
+
+    path = tmp_path / "private.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await schema.upgrade(db)
+        async with db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("private.db")]
+        assert {p.name for p in files} >= {"private.db", "private.db-wal", "private.db-shm"}
+        for p in files:
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p.name
+    finally:
+        await db.dispose()

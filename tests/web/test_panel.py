@@ -164,3 +164,37 @@ async def test_invalid_requests_422(desk: Harness, payload: Any) -> None:
     assert status == 422
     assert body["error"] == "invalid request"
     assert await counts(desk) == (0, 0)
+
+
+async def test_wrong_tokens_are_rate_limited_per_client(tmp_path: Path) -> None:
+    h = await start_harness(tmp_path, http={"panel_failures_per_minute": 3})
+    try:
+        wrong = {"Authorization": "Bearer " + "x" * 40}
+        statuses = [(await post(h, headers=wrong))[0] for _ in range(5)]
+        assert statuses == [401, 401, 401, 429, 429]
+        assert (await post(h))[0] == 429  # checked before any comparison: no oracle
+    finally:
+        await stop_harness(h)
+
+
+async def test_hostile_requests_get_4xx_not_500(desk: Harness) -> None:
+    panel = desk
+    async with panel.http.post(
+        panel.base_url + API, headers={"Authorization": b"Bearer \xff\xfe".decode("latin-1")}
+    ) as resp:
+        assert resp.status == 401
+    status, body, _ = await post(panel, "[" * 100_000 + "]" * 100_000)
+    assert (status, body["error"]) == (422, "invalid request")
+    status, _, _ = await post(panel, b"\xff\xfe not json")
+    assert status == 422
+
+
+@pytest.mark.parametrize("token", ["x", "short-token", "é" * 40])
+def test_a_weak_panel_token_is_refused_by_check_config(token: str) -> None:
+    from iqmaild.config import ConfigError, parse_config
+    from tests.harness import config_dict
+
+    data = config_dict("sqlite+aiosqlite:///x.db", 25)
+    data["http"]["panel_token"] = token
+    with pytest.raises(ConfigError, match=r"http\.panel_token"):
+        parse_config(data)

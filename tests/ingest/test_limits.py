@@ -1,0 +1,200 @@
+"""What the listener does at its edges (issue 5, items 8, 9, 12; issue 7, items 4, 5).
+
+A bad envelope is stored safely and never fails its neighbours; sessions and the
+bytes held in memory are capped with answers the MTA retries (421/452); the
+wrong protocol is deferred, never bounced; the desk's sub-addresses are the desk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from iqmaild.ingest.store import GroupCommitter, Incoming
+from iqmaild.storage.models import Message
+from tests.harness import DESK, STAFF, Harness, start_harness, stop_harness
+from tests.ingest.test_smtp import Wire, mail_bytes
+
+
+def _session(port: int, mail_from: bytes) -> list[str]:
+    """One SMTP transaction on a raw socket; the MAIL FROM bytes exactly as given."""
+    wire = Wire(port)
+    try:
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        wire.sock.sendall(b"MAIL FROM:<" + mail_from + b"> SMTPUTF8\r\n")
+        replies = [wire.reply()[0]]
+        replies.append(wire.cmd(f"RCPT TO:<{DESK}>")[0])
+        replies.append(wire.cmd("DATA")[0])
+        wire.send_data(mail_bytes(message_id=f"<{abs(hash(mail_from))}@client.test>"))
+        replies.append(wire.reply()[0])
+        wire.cmd("QUIT")
+        return replies
+    finally:
+        wire.close()
+
+
+async def test_a_bad_envelope_is_stored_and_fails_no_neighbour(any_desk: Harness) -> None:
+    """MAIL FROM:<\\xff@...> in a commit group with five good messages: six 250s
+    (on PostgreSQL a NUL or an over-long address would fail the whole INSERT)."""
+    desk = any_desk
+    port = desk.daemon.smtp_port
+    senders = [b"\xff\xfe@broken.test", b"a\x00b@nul.test", b"x" * 500 + b"@long.test"]
+    senders += [f"good{i}@acme.test".encode() for i in range(5)]
+    results = await asyncio.gather(*(asyncio.to_thread(_session, port, s) for s in senders))
+    for sender, replies in zip(senders, results, strict=True):
+        assert replies[0].startswith("250") and replies[-1].startswith("250"), (sender, replies)
+    async with desk.db.read() as session:
+        stored = list(await session.scalars(select(Message.mail_from)))
+    assert len(stored) == len(senders)
+    assert "\\xff\\xfe@broken.test" in stored  # visible, never ambiguous
+    assert all(len(s) <= 512 and "\x00" not in s for s in stored)
+    await desk.drain()  # and they are classified like any other mail
+    async with desk.db.read() as session:
+        states = set(await session.scalars(select(Message.state)))
+    assert states == {"processed"}
+
+
+async def test_one_failing_message_never_fails_its_commit_group(any_desk: Harness) -> None:
+    """The group commit falls back to one transaction each when the batch fails."""
+    desk = any_desk
+    results: list[object] = []
+    committer = GroupCommitter(desk.db, max_batch=64, on_commit=lambda: None)
+    task = asyncio.create_task(committer.run())
+    try:
+        good = [
+            Incoming(raw=mail_bytes(message_id=f"<g{i}@x>"), mail_from="a@x", rcpt_to=[DESK])
+            for i in range(5)
+        ]
+        # What the old edge let through: text that cannot be encoded for the database.
+        bad = Incoming(raw=mail_bytes(message_id="<bad@x>"), mail_from="\udcff@x", rcpt_to=[DESK])
+        outcomes = await asyncio.gather(
+            *(committer.store(item) for item in [good[0], good[1], bad, *good[2:]]),
+            return_exceptions=True,
+        )
+        results = list(outcomes)
+    finally:
+        task.cancel()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and len(results) == 6
+    async with desk.db.read() as session:
+        assert len(list(await session.scalars(select(Message.id)))) == 5
+
+
+@pytest.fixture
+async def capped(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await start_harness(
+        tmp_path,
+        smtp={"max_connections": 3, "max_inflight_bytes": 3 * 1024 * 1024},
+        http={"max_connections": 4},
+    )
+    try:
+        yield h
+    finally:
+        await stop_harness(h)
+
+
+def _greeting(port: int) -> tuple[socket.socket, str]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock, sock.makefile("rb").readline().decode()
+
+
+async def test_sessions_beyond_the_cap_get_421_and_the_rest_still_work(capped: Harness) -> None:
+    port = capped.daemon.smtp_port
+    held = [await asyncio.to_thread(_greeting, port) for _ in range(3)]
+    assert all(text.startswith("220") for _, text in held)
+    sock, text = await asyncio.to_thread(_greeting, port)
+    assert text.startswith("421 4.7.0"), text
+    sock.close()
+    for s, _ in held:
+        s.close()
+    await asyncio.sleep(0.1)
+    code, _ = await capped.send_raw(mail_bytes())  # room again once they are gone
+    assert code == 250
+
+
+async def test_http_connections_beyond_the_cap_get_503(capped: Harness) -> None:
+    port = capped.daemon.http_port
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    await asyncio.sleep(0.1)
+
+    def extra() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(200)
+
+    assert (await asyncio.to_thread(extra)).startswith(b"HTTP/1.1 503")
+    for sock in held:
+        sock.close()
+    await asyncio.sleep(0.1)
+    async with capped.http.get(capped.base_url + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_data_beyond_the_memory_budget_gets_452_and_goes_through_later(
+    capped: Harness,
+) -> None:
+    """Each DATA reserves twice its declared SIZE; the MTA retries what does not fit."""
+    port = capped.daemon.smtp_port
+    size = 1024 * 1024  # declared: 2 MiB reserved each against a 3 MiB budget
+
+    def open_data() -> tuple[Wire, str]:
+        wire = Wire(port)
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        wire.cmd(f"MAIL FROM:<owner@acme.test> SIZE={size}")
+        wire.cmd(f"RCPT TO:<{DESK}>")
+        return wire, wire.cmd("DATA")[0]
+
+    first, reply = await asyncio.to_thread(open_data)
+    assert reply.startswith("354")
+    second, reply = await asyncio.to_thread(open_data)
+    assert reply.startswith("452 4.3.1"), reply
+    second.close()
+    first.send_data(mail_bytes())
+    assert (await asyncio.to_thread(first.reply))[0].startswith("250")
+    first.close()
+    third, reply = await asyncio.to_thread(open_data)  # the budget is back
+    assert reply.startswith("354")
+    third.close()
+
+
+@pytest.mark.parametrize(("listener", "greeting"), [("smtp", "LHLO"), ("lmtp", "EHLO")])
+async def test_the_wrong_protocol_is_deferred_never_bounced(
+    tmp_path: Path, listener: str, greeting: str
+) -> None:
+    """Postfix's lmtp: transport to an SMTP listener (or the reverse) gets a 4xx: it keeps
+    the mail queued instead of bouncing every customer's message."""
+    h = await start_harness(tmp_path, smtp={"protocol": listener})
+    try:
+
+        def run() -> list[str]:
+            wire = Wire(h.daemon.smtp_port)
+            try:
+                wire.reply()
+                return wire.cmd(f"{greeting} mx.desk.test")
+            finally:
+                wire.close()
+
+        reply = await asyncio.to_thread(run)
+        assert reply[0].startswith("421 4.3.5"), reply
+        assert listener.upper() in reply[0]
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_sub_address_of_the_desk_is_the_desk(desk: Harness) -> None:
+    """Debian's Postfix has recipient_delimiter = +: bok+faktury@ must not bounce."""
+    code, _ = await desk.send_raw(mail_bytes(), rcpt=["bok+faktury@desk.test"])
+    assert code == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.rcpt_to, row.decision) == (["bok+faktury@desk.test"], "pending")
+    [staff] = [m for m in desk.new_mail() if m.envelope_to == [STAFF]]
+    assert staff["X-IQ-Desk-Extension"] == "faktury"
+    assert (await desk.send_raw(mail_bytes(), rcpt=["staff+x@desk.test"]))[0] == 550

@@ -1,0 +1,88 @@
+"""/healthz says whether intake can commit (issue 5, item 11).
+
+A full disk still answers reads: health that only pings said "ok" while every
+message got 451. Now the last intake attempt and, when idle, a probe write decide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Harness, start_harness, stop_harness
+from tests.ingest.test_smtp import mail_bytes
+
+
+async def health(h: Harness) -> tuple[int, str]:
+    async with h.http.get(h.base_url + "/healthz") as resp:
+        return resp.status, (await resp.json())["status"]
+
+
+async def test_health_turns_503_when_intake_cannot_commit(
+    desk: Harness, tmp_path: Path, break_messages_table
+) -> None:
+    assert await health(desk) == (200, "ok")
+    break_messages_table(True)
+    assert (await desk.send_raw(mail_bytes()))[0] == 451
+    status, text = await health(desk)
+    assert status == 503 and "intake cannot commit" in text
+    break_messages_table(False)
+    assert (await desk.send_raw(mail_bytes()))[0] == 250
+    assert await health(desk) == (200, "ok")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB file system (tmpfs) that the test can fill up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_answers_451_and_health_says_so(small_disk: Path) -> None:
+    h = await start_harness(small_disk, db_url=f"sqlite+aiosqlite:///{small_disk / 'd.db'}")
+    try:
+        big = mail_bytes(body="x" * 200_000 + "\r\n")
+        assert (await h.send_raw(big))[0] == 250
+        filler = fill(small_disk)
+        code, text = await h.send_raw(big.replace(b"<m1@", b"<m2@"))
+        assert (code, text[:5]) == (451, "4.3.0")  # never 250, never 5xx
+        status, reason = await health(h)
+        assert status == 503 and "intake cannot commit" in reason
+        filler.unlink()
+        assert (await h.send_raw(big.replace(b"<m1@", b"<m3@")))[0] == 250
+        assert (await health(h))[0] == 200
+    finally:
+        await stop_harness(h)
