@@ -157,6 +157,7 @@ class _DeskSMTP(SMTP):
     Real mail has lines over RFC 5322's 998 (Postfix passes them). A session
     beyond ``max_sessions`` gets 421 before any command; DATA that would take
     the bytes held in memory beyond ``max_bytes`` gets 452, and the MTA retries.
+    A reservation lasts until the message is committed (or refused).
     """
 
     line_length_limit = 1 << 20
@@ -194,8 +195,9 @@ class _DeskSMTP(SMTP):
         return limit
 
     async def smtp_DATA(self, arg: str) -> None:
-        # aiosmtpd holds the lines and their join: about twice the size.
-        reserved = 2 * max(self._declared_size(), 64 * 1024)
+        # Until its commit a message is held about three times: aiosmtpd's lines,
+        # their join, and what the database driver is handed.
+        reserved = 3 * max(self._declared_size(), 64 * 1024)
         if not self.limits.reserve(reserved):
             await self.push("452 4.3.1 Insufficient system resources, try again later")
             return

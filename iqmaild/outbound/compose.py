@@ -43,6 +43,7 @@ def address_header(address: str) -> Any:
 
 _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
 _XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")  # a line over SMTP's 998 octets
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class Composer:
             f"{name}: {_header_safe(value)}\r\n".encode("ascii", "replace")
             for name, value in {**verdict_headers, loopmark.HEADER: self.loop_mark()}.items()
         )
-        if any(len(line) > SMTP_LINE_LIMIT for line in body.splitlines()):
+        if _LONG_LINE.search(body):
             body = b"".join(_wrap(line, header=False) for line in body.splitlines(keepends=True))
         return ours + b"".join(kept) + sep + body
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiosmtplib
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import defer
 
 from iqmaild.config import Config, split_host_port
 from iqmaild.core import verp
@@ -172,6 +173,9 @@ class OutboxWorker:
         async with self.db.transaction(priority="background") as session:
             query = (
                 select(OutboxItem)
+                # Content is read one row at a time, when it goes out: a batch of
+                # large staff copies must not sit in memory together.
+                .options(defer(OutboxItem.content))
                 .where(OutboxItem.state == "queued", OutboxItem.next_attempt_at <= utcnow())
                 .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
                 .limit(CLAIM_BATCH)
@@ -186,11 +190,19 @@ class OutboxWorker:
                 item.claimed_by, item.claimed_until = self.instance, lease
         return items
 
+    async def _content(self, item: OutboxItem) -> bytes:
+        async with self.db.read() as session:
+            content = await session.scalar(
+                select(OutboxItem.content).where(OutboxItem.id == item.id)
+            )
+        return content or b""
+
     async def _deliver(self, item: OutboxItem) -> None:
         try:
-            await self._send(item)
+            content = await self._content(item)
+            await self._send(item, content)
         except PermanentDelivery as exc:
-            await self._refused(item, exc)
+            await self._refused(item, exc, content)
             return
         except TransientDelivery as exc:
             await self._defer(item, str(exc))
@@ -213,11 +225,11 @@ class OutboxWorker:
             self.config.key, item.id, base, self.config.smtp.recipient_delimiter or "+"
         )
 
-    async def _send(self, item: OutboxItem) -> None:
+    async def _send(self, item: OutboxItem, content: bytes) -> None:
         for attempt in (1, 2):  # a reused connection may have been closed by the relay
             smtp = await self._connection()
             try:
-                await self._transaction(smtp, item)
+                await self._transaction(smtp, item, content)
             except (
                 aiosmtplib.SMTPServerDisconnected,
                 aiosmtplib.SMTPConnectError,
@@ -236,7 +248,7 @@ class OutboxWorker:
             self._idle_since = asyncio.get_running_loop().time()
             return
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, item: OutboxItem) -> None:
+    async def _transaction(self, smtp: aiosmtplib.SMTP, item: OutboxItem, content: bytes) -> None:
         """MAIL, RCPT, DATA with their own timeouts (RFC 5321 §4.5.3.2: DATA's end, 10 min)."""
         cfg = self.config.outbound
         sender = self.envelope_sender(item)
@@ -259,7 +271,7 @@ class OutboxWorker:
                 raise PermanentDelivery(f"RCPT {exc.code} {exc.message}", recipient=True) from None
             raise TransientDelivery(f"RCPT {exc.code} {exc.message}") from None
         try:
-            await smtp.data(item.content, timeout=cfg.data_timeout)
+            await smtp.data(content, timeout=cfg.data_timeout)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset(smtp)
             if exc.code >= 500:
@@ -371,13 +383,13 @@ class OutboxWorker:
         for entry in pending:
             self._accepted.pop(entry.item.id, None)
 
-    async def _refused(self, item: OutboxItem, exc: PermanentDelivery) -> None:
+    async def _refused(self, item: OutboxItem, exc: PermanentDelivery, content: bytes) -> None:
         """A 5xx: final for customer mail; a staff copy is retried (or summarized)."""
         error = str(exc)
         if item.kind == MailKind.STAFF.value:
-            summarized = b"X-IQ-Summary:" in item.content[:8192]
+            summarized = b"X-IQ-Summary:" in content[:8192]
             if exc.size and self.composer is not None and not summarized:
-                summary = self.composer.staff_summary(item.content)
+                summary = self.composer.staff_summary(content)
                 async with self.db.transaction(priority="normal") as session:
                     await session.execute(
                         self._mine(item).values(

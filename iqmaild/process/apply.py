@@ -271,6 +271,7 @@ def staff_copy(
     desk: Desk,
     *,
     message: Message,
+    raw: bytes,
     ticket: Ticket | None,
     context: StaffCopy,
     suppressed: list[str] | None = None,
@@ -296,7 +297,7 @@ def staff_copy(
         desk,
         kind=MailKind.STAFF,
         recipient=desk.config.outbound.staff_address,
-        content=desk.composer.staff_delivery(message.raw, headers),
+        content=desk.composer.staff_delivery(raw, headers),
         ticket=ticket,
         message=message,
     )
@@ -319,7 +320,9 @@ async def authorize_ticket(session: AsyncSession, desk: Desk, ticket: Ticket) ->
     for message in pending:
         message.decision = "authorized"
         context = StaffCopy("authorized", (), message.sender_role)
-        staff_copy(session, desk, message=message, ticket=ticket, context=context)
+        staff_copy(
+            session, desk, message=message, raw=message.raw, ticket=ticket, context=context
+        )
     await session.execute(
         update(AuthToken)
         .where(AuthToken.ticket_id == ticket.id, AuthToken.used_at.is_(None))
@@ -408,6 +411,7 @@ async def apply_plan(
     plan: Plan,
     *,
     message: Message,
+    raw: bytes,
     parsed: ParsedMail,
     ticket: Ticket | None,
     returned: OutboxItem | None = None,
@@ -496,6 +500,7 @@ async def apply_plan(
             session,
             desk,
             message=message,
+            raw=raw,
             ticket=ticket,
             context=staff,
             suppressed=suppressed,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import defer
 
 from iqmaild.core.facts import ReturnedView
 from iqmaild.core.plan import plan_of
@@ -123,7 +124,10 @@ class Classifier:
             )
             parsed = replace(parsed, facts=facts)
         async with self.db.transaction(priority="background") as session:
-            message = await session.get(Message, message_id, with_for_update=True)
+            # Its raw bytes are in hand already: not a second copy of a 20 MB message.
+            message = await session.get(
+                Message, message_id, with_for_update=True, options=[defer(Message.raw)]
+            )
             if message is None or message.state != "received":
                 return None
             facts = parsed.facts
@@ -154,6 +158,7 @@ class Classifier:
                 self.desk,
                 plan,
                 message=message,
+                raw=raw,
                 parsed=parsed,
                 ticket=ticket,
                 returned=returned,

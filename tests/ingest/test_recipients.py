@@ -20,6 +20,7 @@ def _shapes() -> dict[str, str]:
     filler = ", ".join("dev@partner.test" for _ in range(7000))  # a shared contact, 7000x
     many = ", ".join(f"u{i}@acme.test" for i in range(5001))
     return {
+        "plain-cc": f"Cc: {OUTSIDER}\r\n",
         "after-64kb-of-cc": f"Cc: {filler}, {OUTSIDER}\r\n",
         "after-5000-addresses": f"Cc: {many}, {OUTSIDER}\r\n",
         "idna2008-domain": "Cc: jan@fußball.test\r\n",
