@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from iqmaild import logs
+from iqmaild.apply.desk import Desk
+from iqmaild.apply.tickets import probe as tickets_probe
+from iqmaild.classify.batch import Classifier
 from iqmaild.config import Config, split_host_port
+from iqmaild.deliver.outbox import OutboxWorker
 from iqmaild.ingest.smtp import DeskHandler, start_listener
-from iqmaild.ingest.store import GroupCommitter, Incoming
-from iqmaild.outbound.deliver import OutboxWorker
-from iqmaild.process.classify import Classifier
-from iqmaild.process.desk import Desk
-from iqmaild.process.tickets import probe as tickets_probe
+from iqmaild.persist.store import GroupCommitter, Incoming
 from iqmaild.rendering import Renderer
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database

@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 from sqlalchemy import select
 
+from iqmaild.apply import tickets
 from iqmaild.config import Config, parse_config
-from iqmaild.outbound.capture import CaptureRelay
-from iqmaild.process import tickets
+from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database

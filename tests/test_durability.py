@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from iqmaild.config import parse_config
-from iqmaild.outbound.capture import CaptureRelay
+from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
@@ -68,7 +68,7 @@ async def test_classification_resumes_after_a_restart(desk: Harness) -> None:
 async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
     desk: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import iqmaild.process.classify as classify
+    import iqmaild.classify.batch as classify
 
     real = classify.classify
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from iqmaild.outbound.capture import CaptureRelay
+from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import import_directory

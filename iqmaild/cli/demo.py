@@ -126,7 +126,7 @@ def demo(
     exit_after_sample: bool,
 ) -> None:
     """Set up and run the daemon on SQLite with a demo directory and a mail capture."""
-    from iqmaild.outbound.capture import CaptureRelay
+    from iqmaild.deliver.capture import CaptureRelay
     from iqmaild.service import Daemon
     from iqmaild.storage import schema
     from iqmaild.storage.db import Database

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from iqmaild.cli import main
 from iqmaild.cli.common import emit, run_job
-from iqmaild.ingest.parse import body_preview
+from iqmaild.parse.message import body_preview
 from iqmaild.storage.models import Message, Ticket
 
 

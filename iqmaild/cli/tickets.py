@@ -8,14 +8,15 @@ from typing import Any
 import click
 from sqlalchemy import func, select, update
 
+from iqmaild.apply import effects as act
+from iqmaild.apply import tickets
 from iqmaild.cli import main
 from iqmaild.cli.common import Fail, emit, run_job
 from iqmaild.core.mail import AuthRequest, MailIntent, StaffReply
+from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind, TicketState
-from iqmaild.ingest.parse import body_preview, message_ids
-from iqmaild.outbound.compose import ThreadInfo
-from iqmaild.process import apply as act
-from iqmaild.process import tickets
+from iqmaild.deliver.compose import ThreadInfo
+from iqmaild.parse.message import body_preview
 from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import AuthToken, Message, OutboxItem, Service, Ticket, utcnow
 

@@ -19,8 +19,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from iqmaild.config import Config, split_host_port
 from iqmaild.core import verp
 from iqmaild.core.addresses import normalize, split_extension
-from iqmaild.ingest.store import GroupCommitter, Incoming
 from iqmaild.metrics import Metrics
+from iqmaild.persist.store import GroupCommitter, Incoming
 
 _SIZE = re.compile(r"^SIZE=(\d{1,15})$", re.IGNORECASE)
 

@@ -18,10 +18,10 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import func, select
 
-from iqmaild.ingest.store import Incoming
-from iqmaild.process import confirm
-from iqmaild.process.confirm import LinkInfo, LinkState
-from iqmaild.process.desk import Desk
+from iqmaild.apply import links as confirm
+from iqmaild.apply.desk import Desk
+from iqmaild.apply.links import LinkInfo, LinkState
+from iqmaild.persist.store import Incoming
 from iqmaild.storage.db import Database
 from iqmaild.storage.models import Message, OutboxItem
 from iqmaild.web import panel

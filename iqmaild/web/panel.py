@@ -10,10 +10,10 @@ from email.utils import format_datetime
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from iqmaild.ingest.parse import clean_text
-from iqmaild.ingest.store import Incoming
-from iqmaild.outbound.compose import address_header, policy_for
-from iqmaild.process.desk import Desk
+from iqmaild.apply.desk import Desk
+from iqmaild.core.text import clean_text
+from iqmaild.deliver.compose import address_header, policy_for
+from iqmaild.persist.store import Incoming
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import primary_of
 from iqmaild.storage.models import Account, Message, Service, Ticket, utcnow
@@ -85,7 +85,7 @@ async def create_ticket(
         )
     if ticket is None:
         return web.json_response({"status": "queued", "message": message_id}, status=202)
-    from iqmaild.process.tickets import tag_for
+    from iqmaild.apply.tickets import tag_for
 
     return web.json_response(
         {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from iqmaild.ingest.store import GroupCommitter, Incoming
+from iqmaild.persist.store import GroupCommitter, Incoming
 from iqmaild.storage.models import Message
 from tests.harness import DESK, STAFF, Harness, start_harness, stop_harness
 from tests.ingest.test_smtp import Wire, mail_bytes

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import select, update
 
 from iqmaild import logs
-from iqmaild.outbound.capture import CaptureRelay
+from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
 from iqmaild.storage.models import AuthToken, Message, OutboxItem, Suppression, utcnow
 from tests.harness import STAFF, Harness, start_harness, stop_harness

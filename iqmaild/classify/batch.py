@@ -15,14 +15,14 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import defer
 
+from iqmaild.apply import tickets
+from iqmaild.apply.desk import Desk
+from iqmaild.apply.effects import apply_plan
 from iqmaild.core.facts import ReturnedView
 from iqmaild.core.plan import plan_of
 from iqmaild.core.policy import Verdict, classify
 from iqmaild.core.vocabulary import Channel, MailKind
-from iqmaild.ingest.parse import parse_message, unparsable
-from iqmaild.process import tickets
-from iqmaild.process.apply import apply_plan
-from iqmaild.process.desk import Desk
+from iqmaild.parse.message import parse_message, unparsable
 from iqmaild.storage.db import Database, is_outage
 from iqmaild.storage.directory import primary_of, view_for
 from iqmaild.storage.models import Message, OutboxItem, Ticket, utcnow

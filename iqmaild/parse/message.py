@@ -22,10 +22,11 @@ from iqmaild.core import loopmark, threadref, verp
 from iqmaild.core.addresses import domain_of, normalize
 from iqmaild.core.facts import MessageFacts
 from iqmaild.core.tag import TagFormat
+from iqmaild.core.text import SURROGATES, clean_text, message_ids
 from iqmaild.core.vocabulary import Channel
-from iqmaild.ingest.authres import dmarc_failed
-from iqmaild.ingest.dsn import DeliveryReport, read_report
-from iqmaild.ingest.headers import (
+from iqmaild.parse.authres import dmarc_failed
+from iqmaild.parse.dsn import DeliveryReport, read_report
+from iqmaild.parse.headers import (
     HEADER_PARSE_LIMIT,
     Fields,
     as_text,
@@ -33,22 +34,10 @@ from iqmaild.ingest.headers import (
     too_long,
 )
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
-# Raw 8-bit bytes the email package could not decode (surrogate escapes): a str
-# holding them cannot be encoded for the database, a log line or a mail.
-_SURROGATES = re.compile(r"[\ud800-\udfff]")
-_MSGID = re.compile(r"<([\x21-\x3b\x3d\x3f-\x7e]{1,250})>")  # ASCII only: never an encoded word
 _THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
-_HEADER_VALUE_LIMIT = 2000
 STORED_HEADERS = ("from", "to", "cc", "reply-to", "sender", "subject", "date", "message-id")
 MAX_RECIPIENTS = 5000
 _TOKEN = r"([A-Za-z0-9_-]{20,100})"
-
-
-def clean_text(value: str, limit: int = _HEADER_VALUE_LIMIT) -> str:
-    """Decoded header text with CR/LF/NUL and other controls removed (CVE-2024-6923)."""
-    value = _SURROGATES.sub("\ufffd", value)
-    return " ".join(_CONTROLS.sub(" ", value).split())[:limit]
 
 
 def _utf8(text: str) -> str | None:
@@ -57,7 +46,7 @@ def _utf8(text: str) -> str | None:
     Strict decoding never yields ASCII from bytes >= 0x80, so this cannot turn
     anything into the address of a directory entry written in ASCII.
     """
-    if not _SURROGATES.search(text):
+    if not SURROGATES.search(text):
         return text
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8")
@@ -223,11 +212,6 @@ def _recipients(fields: Fields) -> tuple[tuple[str, ...], tuple[str, ...]]:
                 unreadable.append(f"(more than {MAX_RECIPIENTS} recipients)")
                 return tuple(out[:MAX_RECIPIENTS]), tuple(unreadable[:20])
     return tuple(out), tuple(dict.fromkeys(unreadable[:20]))
-
-
-def message_ids(value: str) -> list[str]:
-    """Message ids in a header value, ASCII only, without angle brackets."""
-    return _MSGID.findall(value or "")
 
 
 def _report_type(msg: EmailMessage) -> str | None:

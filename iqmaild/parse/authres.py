@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from iqmaild.ingest.headers import Fields, as_text
+from iqmaild.parse.headers import Fields, as_text
 
 
 def dmarc_failed(fields: Fields, trusted: frozenset[str], from_domain: str) -> bool:

@@ -38,7 +38,7 @@ async def test_an_overlong_from_address_is_malformed_not_dead(any_desk: Harness)
 async def test_a_huge_cc_list_is_parsed_in_bounded_work(desk: Harness) -> None:
     """20,000 Cc addresses (500 KB): address headers are parsed up to 64 KB, so one
     message cannot hold the CPU for minutes; the outcome is still unshared_cc."""
-    from iqmaild.ingest.parse import HEADER_PARSE_LIMIT
+    from iqmaild.parse.message import HEADER_PARSE_LIMIT
 
     cc = ", ".join(f"user{i}@example{i % 50}.test" for i in range(20000))
     assert len(cc) > 5 * HEADER_PARSE_LIMIT

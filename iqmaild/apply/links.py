@@ -12,12 +12,12 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from iqmaild.apply import effects as act
+from iqmaild.apply.desk import Desk
 from iqmaild.core.mail import Acknowledgement, MailIntent
+from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind
-from iqmaild.ingest.parse import message_ids
-from iqmaild.outbound.compose import ThreadInfo
-from iqmaild.process import apply as act
-from iqmaild.process.desk import Desk
+from iqmaild.deliver.compose import ThreadInfo
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import AuthToken, Message, Ticket, utcnow

@@ -22,8 +22,8 @@ from typing import Any
 from iqmaild.config import Config
 from iqmaild.core import loopmark, threadref
 from iqmaild.core.tag import TagFormat
+from iqmaild.core.text import clean_text
 from iqmaild.core.vocabulary import MailKind
-from iqmaild.ingest.parse import clean_text
 from iqmaild.rendering import Renderer
 
 # SMTP line endings; long ASCII ids fold at spaces, never into encoded words.

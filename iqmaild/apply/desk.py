@@ -9,9 +9,9 @@ from iqmaild.config import Config
 from iqmaild.core.addresses import normalize, split_extension
 from iqmaild.core.facts import PolicyConfig
 from iqmaild.core.tag import TagFormat
-from iqmaild.ingest.parse import ParseContext
+from iqmaild.deliver.compose import Composer
 from iqmaild.metrics import Metrics
-from iqmaild.outbound.compose import Composer
+from iqmaild.parse.message import ParseContext
 from iqmaild.rendering import Renderer
 
 

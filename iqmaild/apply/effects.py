@@ -17,16 +17,16 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from iqmaild.apply import tickets
+from iqmaild.apply.desk import Desk
+from iqmaild.apply.tickets import tag_for
 from iqmaild.core.mail import MailIntent, StaffCopy
 from iqmaild.core.plan import Plan
 from iqmaild.core.policy import TicketAction
 from iqmaild.core.ratelimit import Window, allows, longest
 from iqmaild.core.vocabulary import AUTOMATIC_MAIL, MailKind, TicketState
-from iqmaild.ingest.parse import ParsedMail
-from iqmaild.outbound.compose import ThreadInfo, TicketRef, safe_token
-from iqmaild.process import tickets
-from iqmaild.process.desk import Desk
-from iqmaild.process.tickets import tag_for
+from iqmaild.deliver.compose import ThreadInfo, TicketRef, safe_token
+from iqmaild.parse.message import ParsedMail
 from iqmaild.storage.models import (
     Account,
     AuditEvent,
