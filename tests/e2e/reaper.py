@@ -9,7 +9,9 @@ then reaps every descendant until none is left. It exits when the server has
 stopped completely, so the fixture knows the server is gone by waiting for it.
 
 SIGTERM to this process sends SIGKILL to every descendant (the last resort of a
-fixture's teardown, after the server's own stop command).
+fixture's teardown, after the server's own stop command). So does the death of
+the test run that started it (PR_SET_PDEATHSIG): a killed pytest leaves no
+Postfix or Dovecot behind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -53,11 +56,15 @@ def kill_all(signum: int, frame: object) -> None:
 
 def main() -> int:
     status_file, command = sys.argv[1], sys.argv[2:]
+    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print(f"prctl(PR_SET_CHILD_SUBREAPER) failed: errno {ctypes.get_errno()}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, kill_all)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the test run died before we asked
+        return 1
     proc = subprocess.Popen(command)
     code = proc.wait()
     tmp = status_file + ".tmp"

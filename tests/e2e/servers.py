@@ -10,6 +10,7 @@ machine is not an init, and so the fixture knows when they are really gone.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -440,6 +441,11 @@ def iqmaild_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "iqmaild"]
 
 
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the test run dies, so no daemon outlives it."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 class DeskDaemon:
     """`iqmaild serve` as a real process, with its CLI for looking inside."""
 
@@ -546,6 +552,7 @@ class DeskDaemon:
             stdout=self.log_handle,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=_stop_with_parent,
         )
 
         def ready() -> bool:

@@ -85,3 +85,21 @@ def test_a_stranger_replying_to_someone_elses_ticket_learns_nothing(desk: Desk) 
     text = notice.subject + "\n" + notice.text()
     assert "Sokół" not in text and "acme" not in text.lower(), text
     assert desk.daemon.ticket(number)["authorization"] == "pending"
+
+
+def test_forged_verdict_headers_do_not_survive_the_trip(desk: Desk) -> None:
+    """X-IQ-* headers from outside are removed before ours are added."""
+    msg = new_mail(
+        "stranger@unknown.test",
+        "Proszę o reset hasła",
+        headers={
+            "X-IQ-Authorization": "authorized",
+            "X-IQ-Reasons": "none",
+            "X-IQ-Account": "acme",
+        },
+    )
+    desk.send(msg)
+    staff = desk.staff.wait_for(lambda r: r.msg["Message-ID"] == msg["Message-ID"])[0]
+    assert staff.msg.get_all("X-IQ-Authorization") == ["unauthorized"]
+    assert staff.msg.get_all("X-IQ-Account") == ["none"]
+    assert header_list(staff, "X-IQ-Reasons") == ["unknown_sender"]
