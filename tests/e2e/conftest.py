@@ -145,9 +145,6 @@ class Desk:
     def staff(self) -> Any:
         return self.mail["staff@desk.test"]
 
-    def link_base(self) -> str:
-        return self.daemon.base_url
-
     def wait_ticket(
         self, number: int, check: Callable[[dict[str, Any]], bool], timeout: float = 20
     ) -> dict[str, Any]:
@@ -220,9 +217,14 @@ def make_desk(
     finally:
         failed = _failed(request)
         for desk in made:
-            code = desk.daemon.stop()
-            desk.postfix.stop()
-            desk.daemon.close()
+            code = None
+            try:
+                code = desk.daemon.stop()
+            finally:
+                try:
+                    desk.postfix.stop()
+                finally:
+                    desk.daemon.close()
             if failed:
                 print(f"\n--- daemon log ({desk.daemon.log}), exit {code} ---")
                 print(desk.daemon.log_tail(80))

@@ -277,7 +277,6 @@ class Postfix:
     outbound_port: int = 0
     outbound_enabled: bool = True
     reaped: Reaped | None = None
-    extra_transport: dict[str, str] = field(default_factory=dict)
     # Desk-domain addresses Postfix accepts besides the desk and the staff.
     extra_recipients: list[str] = field(default_factory=list)
 
@@ -302,7 +301,6 @@ class Postfix:
             # The rest of the desk domain (the staff mailbox) lives in Dovecot.
             "desk.test": dovecot,
         }
-        entries.update(self.extra_transport)
         # Everything else stands in for the Internet: customers' own mail
         # servers are this Dovecot too.
         entries["*"] = dovecot
@@ -368,11 +366,6 @@ class Postfix:
             15,
             f"outbound port {'open' if enabled else 'closed'}",
         )
-
-    def set_daemon_protocol(self, protocol: str) -> None:
-        self.daemon_protocol = protocol
-        self.write_transport()
-        self.reload()
 
     def stop(self) -> None:
         if self.reaped is None:
