@@ -479,13 +479,7 @@ class DeskDaemon:
                 # Retries within seconds, for as long as the fault tests need.
                 "retry_base_seconds": 0.2,
                 "retry_max_seconds": 1.0,
-                "max_attempts": 40,
                 "connect_timeout": 5.0,
-                # The daemon does not wake its outbox when a link is confirmed
-                # (a defect; test_story.py's timing test runs with the default
-                # 20 s and shows it): until then the acknowledgement waits for
-                # this idle timer. 2 s keeps the other tests fast.
-                "idle_close_seconds": 2.0,
             },
             logging={"level": "info"},
             processing={"max_attempts": 3, "retry_seconds": 0.5},

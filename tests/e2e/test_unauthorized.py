@@ -70,11 +70,6 @@ def test_unauthorized_case_through_the_mta(desk: Desk, case: str) -> None:
         assert got and not any(from_desk(r) for r in desk.mail[cc].poll())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon defect: the notice to an unknown sender who wrote '[IQ.pl#N]' quotes the "
-    "subject of customer N's ticket ('Temat: ...'); DESIGN: such a notice reveals nothing",
-)
 def test_a_stranger_replying_to_someone_elses_ticket_learns_nothing(desk: Desk) -> None:
     """A notice to someone who may not act on a ticket reveals nothing of it."""
     number, _, _ = open_ticket(desk, "Tajny projekt Sokół: zmiana DNS")
