@@ -9,7 +9,6 @@ from typing import Any
 
 from iqmaild import logs
 from iqmaild.apply.desk import Desk
-from iqmaild.apply.tickets import probe as tickets_probe
 from iqmaild.classify.batch import Classifier
 from iqmaild.config import Config, split_host_port
 from iqmaild.deliver.outbox import OutboxWorker
@@ -108,24 +107,27 @@ class Daemon:
         out = [f"task {t.get_name()} stopped" for t in self.tasks if t.done()]
         loop = asyncio.get_running_loop()
         committer = self.committer
-        if committer.failed_since is not None:
-            out.append(f"intake cannot commit (for {loop.time() - committer.failed_since:.0f} s)")
-        elif committer.last_success is None or loop.time() - committer.last_success > 30:
+        idle = committer.last_success is None or loop.time() - committer.last_success > 30
+        if committer.failed_since is not None or idle:
             when, error = self._probe
-            if loop.time() - when > 5:
-                error = await self._write_probe()
+            # While intake fails, probe every second: health turns back to ok once
+            # the database takes writes again, with or without new mail.
+            if loop.time() - when > (1 if committer.failed_since is not None else 5):
+                error = await committer.probe()  # clears failed_since when it commits
                 self._probe = (loop.time(), error)
-            if error:
+            if committer.failed_since is not None:
+                since = loop.time() - committer.failed_since
+                out.append(f"intake cannot commit (for {since:.0f} s)")
+            elif error:
                 out.append(f"database does not accept writes: {error}")
+        for stage, failing in (
+            ("classification", self.classifier.failing_since),
+            ("outbox", self.outbox.failing_since),
+        ):
+            if failing is not None and loop.time() - failing > 10:
+                out.append(f"{stage} has been failing for {loop.time() - failing:.0f} s")
         return out
 
-    async def _write_probe(self) -> str | None:
-        try:
-            async with self.db.transaction(priority="intake") as session:
-                await tickets_probe(session)
-        except Exception as exc:
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return None
 
     async def _classify_loop(self) -> None:
         """Classify what is due; a database outage backs off and never ends the loop."""
@@ -134,9 +136,12 @@ class Daemon:
             try:
                 handled = await self.classifier.drain()
                 backoff = 0.5
+                self.classifier.failing_since = None
                 if handled:
                     self.outbox.notify()
             except Exception as exc:
+                loop_now = asyncio.get_running_loop().time()
+                self.classifier.failing_since = self.classifier.failing_since or loop_now
                 self.log.error("classify.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)

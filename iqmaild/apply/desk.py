@@ -37,6 +37,8 @@ class Desk:
             dmarc_enforce=config.security.dmarc_enforce,
             notify_unknown_senders=config.notices.notify_unknown_senders,
             max_hops=config.processing.max_hops,
+            delimiter=config.smtp.recipient_delimiter,
+            return_path=config.return_path_base,
         )
         self.parse_context = ParseContext(
             tags=self.tags,

@@ -38,6 +38,8 @@ from iqmaild.storage.models import (
 )
 from iqmaild.storage.models import utcnow as now
 
+ANSWERS = frozenset({MailKind.NOTICE, MailKind.REFUSAL})
+
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
@@ -218,7 +220,9 @@ async def customer_mail(
         recipient=intent.recipient,
         content=composed.content,
         header_message_id=composed.message_id,
-        ticket=ticket,
+        # A refusal names no ticket, in its row too: a report to its return address
+        # must not file anything under the ticket a stranger guessed.
+        ticket=ticket if intent.reveals_ticket else None,
         message=message,
     )
 
@@ -367,16 +371,18 @@ async def file_returned(
     records itself. A staff copy that came back is an alert, never suppressed.
     """
     report = parsed.report
-    delayed_only = report is not None and not report.failed and bool(report.delayed)
-    status = "delayed" if delayed_only else ""
-    if report is not None and report.failed:
-        status = report.failed[0][1]
+    failed = report is not None and bool(report.failed)
+    status = report.failed[0][1] if report is not None and report.failed else ""
+    if not status:
+        status = "delayed" if report is not None and report.delayed else "not a failure report"
     if copied:
         row.reported_at = now()
-    row.last_error = f"returned: {status or 'report'} (message {message.id})"[:2000]
+    row.last_error = f"returned: {status} (message {message.id})"[:2000]
     audit(session, "outbox.returned", message=message, outbox=row.id, kind=row.kind, status=status)
     desk.metrics.inc("outbox_returned_total", kind=row.kind)
-    if delayed_only:
+    if not failed:
+        # A delay warning, a vacation reply or a challenge sent to our return address:
+        # filed, but only a delivery report saying it failed suppresses or burns.
         return
     if row.kind == MailKind.STAFF.value:
         desk.log.error("outbox.staff_returned", outbox=row.id, status=status)
@@ -476,6 +482,11 @@ async def apply_plan(
             staff = intent.context
             continue
         if ticket is None or intent.recipient is None:
+            continue
+        if intent.kind in ANSWERS and parsed.facts.answers_notice:
+            # A reply to a notice of ours (an auto-responder without Auto-Submitted,
+            # most likely): answering it too would ping-pong until the rate limit.
+            suppressed.append(f"{intent.kind.value}:answers_a_notice")
             continue
         if intent.kind is MailKind.AUTH_REQUEST:
             outcome = await issue_link(

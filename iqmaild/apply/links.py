@@ -72,7 +72,7 @@ async def _still_eligible(session: Any, email: str, ticket: Ticket) -> bool:
     if ticket.account_id is None:
         return False
     directory = await view_for(session, [email])
-    return directory.may_act(email, ticket.account_id, ticket.service_id)
+    return directory.may_act(email, ticket.account_id, ticket.service_id, ticket.requester)
 
 
 async def confirm(db: Database, desk: Desk, token: str) -> LinkInfo:

@@ -95,16 +95,3 @@ def set_state(ticket: Ticket, state: TicketState) -> bool:
     ticket.closed_at = utcnow() if state is TicketState.CLOSED else None
     ticket.updated_at = utcnow()
     return True
-
-
-PROBE = "health_probe"
-
-
-async def probe(session: AsyncSession) -> None:
-    """A real write (health): the probe counter row holds the last probe's time."""
-    row = await session.get(Counter, PROBE)
-    stamp = int(utcnow().timestamp())
-    if row is None:
-        session.add(Counter(name=PROBE, value=stamp))
-    else:
-        row.value = stamp

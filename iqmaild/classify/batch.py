@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import defer
@@ -43,6 +44,7 @@ class Classifier:
         self.desk = desk
         self.wakeup = asyncio.Event()
         self.on_processed = on_processed  # wakes the outbox after every commit
+        self.failing_since: float | None = None  # for /healthz: the loop's errors
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -102,6 +104,7 @@ class Classifier:
                 return None
             raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
             rcpt_to = list(row.rcpt_to or [])
+            stored_id = row.message_id
             panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
         try:
             # In a thread: a pathological message must not stall SMTP and HTTP.
@@ -131,6 +134,9 @@ class Classifier:
             if message is None or message.state != "received":
                 return None
             facts = parsed.facts
+            seen = stored_id and await self._seen_fewer_hops(session, message_id, stored_id, facts)
+            if seen:
+                facts = replace(facts, seen_before=True)
             returned = ticket = None
             if facts.returned_outbox_id is not None:
                 returned = await session.get(OutboxItem, facts.returned_outbox_id)
@@ -164,6 +170,23 @@ class Classifier:
                 returned=returned,
             )
             return Outcome(message_id, ticket.number if ticket else None, verdict)
+
+    async def _seen_fewer_hops(
+        self, session: Any, message_id: int, stored_id: str, facts: Any
+    ) -> bool:
+        """This Message-ID was processed before and now comes back through more hops:
+        our staff copy returned by a forwarder that stripped our marks (a loop)."""
+        earlier = await session.scalars(
+            select(Message.headers)
+            .where(Message.message_id == stored_id, Message.id < message_id)
+            .where(Message.state == "processed")
+            .limit(5)
+        )
+        for headers in earlier:
+            hops = (headers or {}).get("hops")
+            if hops is not None and str(hops).isdigit() and int(hops) < facts.hops:
+                return True
+        return False
 
     async def _failed(self, message_id: int, exc: Exception) -> None:
         if is_outage(exc):

@@ -188,7 +188,7 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
             may_see_code = (
                 t.authorization == "authorized"
                 and bool(t.account_id)
-                and directory.may_act(t.requester, t.account_id or "", t.service_id)
+                and directory.may_act(t.requester, t.account_id or "", t.service_id, t.requester)
             )
             last = await session.scalar(
                 select(Message)
@@ -219,7 +219,7 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
         if not t.requester or not t.account_id:
             raise LookupError(f"ticket {number} has no requester who could authorize it")
         directory = await view_for(session, [t.requester])
-        if not directory.may_act(t.requester, t.account_id, t.service_id):
+        if not directory.may_act(t.requester, t.account_id, t.service_id, t.requester):
             raise LookupError(f"{t.requester} may not act on ticket {number}")
         await session.execute(
             update(AuthToken)

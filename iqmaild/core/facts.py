@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from iqmaild.core.addresses import split_extension
 from iqmaild.core.tag import TagMatch
 from iqmaild.core.vocabulary import Channel, MailKind, Role
 
@@ -38,6 +39,10 @@ class MessageFacts:
     # participants without a grant (fail closed), shown as cleaned text.
     recipients_unreadable: tuple[str, ...] = ()
     own_mail: bool = False  # our own signed mark came back as incoming mail
+    # A message we stored before (same Message-ID) comes back through more hops:
+    # our staff copy after a forwarder stripped our marks.
+    seen_before: bool = False
+    answers_notice: bool = False  # In-Reply-To names a notice or refusal of ours
     hops: int = 0  # Received headers
     returned_outbox_id: int | None = None  # sent to our signed envelope sender of that row
 
@@ -86,14 +91,30 @@ class DirectoryView:
     def shared_services(self, email: str, account_id: str) -> tuple[str, ...]:
         return tuple(s.service_id for s in self.shares_of(email) if s.account_id == account_id)
 
-    def may_act(self, email: str, account_id: str, service_id: str | None) -> bool:
-        """Primary of the account, or a share on the service (any service while none is set)."""
+    def may_act(
+        self, email: str, account_id: str, service_id: str | None, requester: str | None
+    ) -> bool:
+        """May act on a ticket (its code, its notices, authorizing it).
+
+        The primary address always; a shared contact on the ticket's service. A
+        ticket without a service is the account's: the primary's, and only the
+        shared contact who opened it (with a share on the account) besides; a share
+        on one service must not open every account-level ticket to its holder.
+        """
         if self.is_primary(email, account_id):
             return True
         services = self.shared_services(email, account_id)
         if service_id is None:
-            return bool(services)
+            return bool(services) and email == requester
         return service_id in services
+
+    def may_take_part(self, email: str, account_id: str, service_id: str | None) -> bool:
+        """May be among To/Cc: the primary, a share on the service (any share while
+        the ticket has none)."""
+        if self.is_primary(email, account_id):
+            return True
+        services = self.shared_services(email, account_id)
+        return bool(services) if service_id is None else service_id in services
 
     def eligible_accounts(self, email: str) -> tuple[str, ...]:
         """Accounts on which the address holds an explicit grant (primary or a share)."""
@@ -134,3 +155,12 @@ class PolicyConfig:
     dmarc_enforce: bool = False
     notify_unknown_senders: bool = True
     max_hops: int = 30  # more Received headers than this: a routing loop
+    delimiter: str = "+"  # the desk's sub-addresses (bok+faktury@) are the desk
+    return_path: str = ""  # base of our signed envelope senders
+
+    def is_ours(self, address: str) -> bool:
+        """A desk address, a sub-address of one, or one of our return addresses."""
+        if address in self.desk_addresses:
+            return True
+        base, extension = split_extension(address, self.delimiter)
+        return bool(extension) and (base in self.desk_addresses or base == self.return_path)

@@ -153,6 +153,7 @@ def _ambiguous(s: Situation) -> bool:
 LOOP_RULES: tuple[Rule, ...] = (
     Rule("returned_mail", Reason.BOUNCE, lambda s: s.facts.returned_outbox_id is not None),
     Rule("own_mail_returned", Reason.AUTO_SUBMITTED, lambda s: s.facts.own_mail),
+    Rule("message_returned", Reason.AUTO_SUBMITTED, lambda s: s.facts.seen_before),
     Rule("hop_limit", Reason.AUTO_SUBMITTED, lambda s: s.facts.hops > s.config.max_hops),
     Rule("null_return_path", Reason.BOUNCE, lambda s: s.facts.null_return_path),
     Rule("delivery_report", Reason.BOUNCE, lambda s: s.facts.delivery_report),
@@ -229,15 +230,18 @@ def situate(
         if service_id is None and len(services) == 1:
             service_id = services[0]
     role = _role_on(directory, sender, account_id) if sender else None
-    eligible = bool(sender and account_id and directory.may_act(sender, account_id, service_id))
+    requester = scope.requester if scope is not None else sender
+    eligible = bool(
+        sender and account_id and directory.may_act(sender, account_id, service_id, requester)
+    )
     unshared: tuple[str, ...] = ()
     if account_id is not None:
         unshared = tuple(
             r
             for r in dict.fromkeys(facts.recipients)
-            if r not in config.desk_addresses
+            if not config.is_ours(r)
             and r != sender
-            and not directory.may_act(r, account_id, service_id)
+            and not directory.may_take_part(r, account_id, service_id)
         )
         # A recipient we could not read whole may be anyone: fail closed.
         unshared += tuple(dict.fromkeys(facts.recipients_unreadable))
@@ -257,7 +261,9 @@ def situate(
     )
 
 
-NO_STAFF_COPY = frozenset({"own_mail_returned", "hop_limit"})
+NO_STAFF_COPY = frozenset({"own_mail_returned", "message_returned", "hop_limit"})
+# Reports about our own mail: a code in them went to the MTA, not to a person.
+REPORTS = frozenset({"returned_mail", "null_return_path", "delivery_report", "daemon_sender"})
 
 
 def classify(
@@ -330,12 +336,20 @@ def _answers(s: Situation, hits: list[Rule], leaked: bool) -> list[MailIntent]:
             out.append(MailIntent(MailKind.NOTICE, sender, authorized, notice))
         else:
             out.append(MailIntent(MailKind.REFUSAL, sender, False, Refusal(reasons)))
-    if leaked and authorized and not s.sender_eligible and s.ticket and s.account_id:
-        for contact in (s.ticket.requester, s.ticket.primary):
-            if contact and s.directory.may_act(contact, s.account_id, s.service_id):
-                out.append(MailIntent(MailKind.CODE_CHANGED, contact, True, CodeChanged()))
-                break
+    if leaked and not s.sender_eligible:
+        out += _code_changed(s)
     return out
+
+
+def _code_changed(s: Situation) -> list[MailIntent]:
+    """The new code of an authorized ticket, to the first address that may act on it."""
+    ticket = s.ticket
+    if ticket is None or not ticket.authorized or s.account_id is None:
+        return []
+    for contact in (ticket.requester, ticket.primary):
+        if contact and s.directory.may_act(contact, s.account_id, s.service_id, ticket.requester):
+            return [MailIntent(MailKind.CODE_CHANGED, contact, True, CodeChanged())]
+    return []
 
 
 def _loop_verdict(s: Situation, hits: list[Rule]) -> Verdict:
@@ -343,14 +357,20 @@ def _loop_verdict(s: Situation, hits: list[Rule]) -> Verdict:
     copy = not names & NO_STAFF_COPY
     if s.returned is not None and (s.returned.kind is MailKind.STAFF or s.returned.reported):
         copy = False  # a report about a staff copy, or one already shown: never again
-    # A mailing list that carries the valid code has spread it beyond the ticket.
-    leaked = s.facts.list_id and _code_valid(s)
+    # An auto-reply or a list that carries the valid code past someone who may not act
+    # on the ticket has spread it as surely as a person would; a report of our own
+    # mail has not (it quotes our mail to the MTA that returns it).
+    leaked = (
+        not names & REPORTS
+        and _code_valid(s)
+        and (not s.sender_eligible or bool(s.unshared) or s.facts.list_id)
+    )
     return _verdict(
         s,
         Decision.IGNORED,
         hits,
         TicketAction.ATTACH if s.ticket else TicketAction.NONE,
-        [],
+        _code_changed(s) if leaked else [],
         leaked,
         staff_copy=copy,
     )

@@ -51,6 +51,24 @@ def is_ours(key: bytes, domain: str, message_id: str) -> bool:
     return match is not None and _valid(key, domain, match) is not None
 
 
+# The first character of the unique part says what kind of mail of ours an id is.
+NOTICE = "n"  # a notice or refusal: why a message was not accepted
+AUTOMATIC = "a"  # other automatic mail (the link, the acknowledgement)
+PERSON = "h"  # written by a desk operator
+
+
+def answers_notice(key: bytes, domain: str, in_reply_to: str) -> bool:
+    """In-Reply-To names a notice or refusal of ours (signed: nobody can fake one).
+
+    Answering that with another notice is how a responder that ignores
+    Auto-Submitted and the desk would ping-pong.
+    """
+    for match in _REF.finditer(in_reply_to or ""):
+        if _valid(key, domain, match) is not None and match.group(2).lower().startswith(NOTICE):
+            return True
+    return False
+
+
 def find_ticket_reference(key: bytes, domain: str, *headers: str) -> int | None:
     """The ticket named by the newest valid signed reference among the given headers.
 

@@ -91,8 +91,9 @@ class Composer:
         # Parsed once: every outbound mail names it.
         self.desk_address = config.desk_address
 
-    def new_message_id(self, ticket_number: int | None) -> str:
-        unique = secrets.token_hex(8)
+    def new_message_id(self, ticket_number: int | None, kind: str = threadref.AUTOMATIC) -> str:
+        """Ours, signed; its first character says what kind of mail it is (threadref)."""
+        unique = kind + secrets.token_hex(8)
         return threadref.make_message_id(self.config.key, ticket_number, unique, self.domain)
 
     def loop_mark(self) -> str:
@@ -130,7 +131,12 @@ class Composer:
         subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
         msg["Subject"] = clean_text(subject, 900)
         msg["Date"] = format_datetime(_now(), usegmt=True)
-        message_id = self.new_message_id(ticket.number if ticket else None)
+        mark = threadref.PERSON
+        if kind in (MailKind.NOTICE, MailKind.REFUSAL):
+            mark = threadref.NOTICE
+        elif automatic:
+            mark = threadref.AUTOMATIC
+        message_id = self.new_message_id(ticket.number if ticket else None, mark)
         msg["Message-ID"] = message_id
         msg[loopmark.HEADER] = self.loop_mark()
         self._thread_headers(msg, thread, ticket.subject if ticket else "")

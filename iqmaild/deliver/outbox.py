@@ -81,6 +81,7 @@ class OutboxWorker:
         # For /healthz: when the relay last took a mail, and the last failure.
         self.last_relay_success: float | None = None
         self.last_relay_failure: tuple[float, str] | None = None
+        self.failing_since: float | None = None  # for /healthz: the loop's own errors
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -113,7 +114,10 @@ class OutboxWorker:
                     await self.drain()
                     timeout = await self._seconds_to_next_due()
                     backoff = 0.5
+                    self.failing_since = None if not self._accepted else self.failing_since
                 except Exception as exc:
+                    now = asyncio.get_running_loop().time()
+                    self.failing_since = self.failing_since or now
                     self.log.error("outbox.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
                     timeout, backoff = backoff, min(backoff * 2, 30.0)
                 try:
@@ -371,6 +375,7 @@ class OutboxWorker:
                         )
                     )
         except Exception as exc:
+            self.failing_since = self.failing_since or asyncio.get_running_loop().time()
             for entry in pending:
                 entry.tries += 1
             self.log.error(

@@ -197,7 +197,9 @@ class _DeskSMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         # Until its commit a message is held about three times: aiosmtpd's lines,
         # their join, and what the database driver is handed.
-        reserved = 3 * max(self._declared_size(), 64 * 1024)
+        # The declared SIZE is the MTA's word (Postfix's is true); a client that
+        # declares none or too little is held to at least a megabyte.
+        reserved = 3 * max(self._declared_size(), min(1 << 20, self.data_size_limit or 1 << 20))
         if not self.limits.reserve(reserved):
             await self.push("452 4.3.1 Insufficient system resources, try again later")
             return

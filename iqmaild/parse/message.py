@@ -349,6 +349,7 @@ def parse_message(
             for value in _all_values(fields, name)
         ),
         own_mail=channel is not Channel.PANEL and _own_mail(fields, key, domain, message_id),
+        answers_notice=threadref.answers_notice(key, domain, in_reply_to),
         hops=fields.count("received"),
         returned_outbox_id=_returned_row(rcpt_to or [], ctx),
     )
@@ -359,7 +360,10 @@ def parse_message(
         references=tuple(dict.fromkeys([*references, *message_ids(in_reply_to)])),
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
-        headers={h: _display(fields, h, charsets) for h in STORED_HEADERS if fields.raw(h)},
+        headers={
+            **{h: _display(fields, h, charsets) for h in STORED_HEADERS if fields.raw(h)},
+            "hops": str(fields.count("received")),
+        },
         defects=tuple(defects),
         link_tokens=_link_tokens(raw, msg, ctx.link_prefix),
         report=read_report(msg) if report == "delivery-status" else None,

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 
-from iqmaild.storage.db import Database
+from iqmaild.storage.db import Database, is_outage
 from iqmaild.storage.models import Message, utcnow
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER_MSGID = re.compile(
     rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
 )
@@ -46,7 +47,10 @@ class Incoming:
         match = _HEADER_MSGID.search(head)
         if match is None:
             return ""
-        return match.group(1).decode("ascii", "replace").strip()[:990]
+        # A key for duplicate detection, safe on every back end (PostgreSQL refuses
+        # NUL in text): controls and 8-bit become visible escapes.
+        text = match.group(1).decode("ascii", "backslashreplace").strip()
+        return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:500]
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,27 @@ class GroupCommitter:
                 _settle(fut, result)
             self.on_commit()
 
+    async def probe(self) -> str | None:
+        """Can intake commit? A row written and removed in one real commit; None when fine."""
+        item = Incoming(raw=b"", mail_from="", rcpt_to=[], channel="probe")
+        try:
+            async with self.db.transaction(priority="intake") as session:
+                result = await session.execute(
+                    insert(Message).returning(Message.id), [_row(item, ("probe", ""))]
+                )
+                await session.execute(delete(Message).where(Message.id == result.scalar_one()))
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.failed_since = None
+        return None
+
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
         self.last_attempt = time.monotonic()
         try:
             stored = await self._insert(items)
-        except Exception:
-            self.failed_since = self.failed_since or time.monotonic()
+        except Exception as exc:
+            if is_outage(exc):  # one bad message is not the database failing
+                self.failed_since = self.failed_since or time.monotonic()
             raise
         self.failed_since = None
         self.last_success = time.monotonic()
@@ -124,28 +143,9 @@ class GroupCommitter:
             for sha, stored_id, row_id in rows:
                 existing.setdefault((sha, stored_id), row_id)
             new: dict[tuple[str, str], dict[str, object]] = {}
-            now = utcnow()
             for item, key in zip(items, keys, strict=True):
                 if key not in existing and key not in new:
-                    new[key] = {
-                        "channel": item.channel,
-                        "mail_from": item.mail_from,
-                        "rcpt_to": item.rcpt_to,
-                        "peer": item.peer,
-                        "raw": item.raw,
-                        "raw_sha256": key[0],
-                        "message_id": key[1],
-                        "account_id": item.account_id,
-                        "headers": dict(item.extra),
-                        "state": "received",
-                        "received_at": now,
-                        "attempts": 0,
-                        "subject": "",
-                        "defects": [],
-                        "reasons": [],
-                        "rules_hit": [],
-                        "suppressed": [],
-                    }
+                    new[key] = _row(item, key)
             if new:
                 # One multi-row INSERT ... RETURNING: the ORM's per-object work
                 # was most of the intake cost.
@@ -161,6 +161,28 @@ class GroupCommitter:
             out.append(Stored(existing[key], duplicate=key not in fresh))
             fresh.discard(key)
         return out
+
+
+def _row(item: Incoming, key: tuple[str, str]) -> dict[str, object]:
+    return {
+        "channel": item.channel,
+        "mail_from": item.mail_from,
+        "rcpt_to": item.rcpt_to,
+        "peer": item.peer,
+        "raw": item.raw,
+        "raw_sha256": key[0],
+        "message_id": key[1],
+        "account_id": item.account_id,
+        "headers": dict(item.extra),
+        "state": "received",
+        "received_at": utcnow(),
+        "attempts": 0,
+        "subject": "",
+        "defects": [],
+        "reasons": [],
+        "rules_hit": [],
+        "suppressed": [],
+    }
 
 
 def _settle(future: asyncio.Future[Stored], outcome: Stored | BaseException) -> None:

@@ -19,6 +19,7 @@ def is_loop(facts: MessageFacts, config: PolicyConfig) -> bool:
             facts.list_id,
             any(a.partition("@")[0] in DAEMON_LOCAL_PARTS for a in facts.from_addresses),
             facts.own_mail,
+            facts.seen_before,
             facts.hops > config.max_hops,
             facts.returned_outbox_id is not None,
         ]
@@ -33,8 +34,16 @@ def check_verdict(
     v: Verdict,
 ) -> None:
     kinds = [a.kind for a in v.mails]
+    # Who opened the ticket (a new one: the sender): it decides who may act on a
+    # ticket without a service.
+    requester = (
+        ticket.requester
+        if ticket is not None and facts.channel is not Channel.PANEL
+        else facts.sender
+    )
     assert kinds.count(MailKind.STAFF) <= 1, "staff see a message at most once"
-    if not (facts.own_mail or facts.hops > config.max_hops or facts.returned_outbox_id):
+    ours_back = facts.own_mail or facts.seen_before or facts.hops > config.max_hops
+    if not (ours_back or facts.returned_outbox_id):
         assert kinds.count(MailKind.STAFF) == 1, "staff see every message but our own returned"
     assert len(set(v.reasons)) == len(v.reasons)
     code_valid = (
@@ -49,7 +58,7 @@ def check_verdict(
         else:
             assert mail.recipient == facts.sender, "automatic mail goes to the From only"
         eligible = v.account_id is not None and directory.may_act(
-            mail.recipient, v.account_id, v.service_id
+            mail.recipient, v.account_id, v.service_id, requester
         )
         if mail.kind is MailKind.REFUSAL:
             assert not eligible and not mail.include_code, "a refusal names no ticket"
@@ -65,7 +74,7 @@ def check_verdict(
     assert (v.decision is Decision.IGNORED) == looped
     if looped:
         assert v.reasons and set(v.reasons) <= LOOP_REASONS
-        assert set(kinds) <= {MailKind.STAFF}, "never answered automatically"
+        assert set(kinds) <= {MailKind.STAFF, MailKind.CODE_CHANGED}, "never answered"
         assert not v.reopen
         return
     assert not set(v.reasons) & LOOP_REASONS
@@ -82,14 +91,14 @@ def check_verdict(
     assert (v.decision is Decision.UNAUTHORIZED) == bool(v.reasons)
     sender = facts.sender
     sender_eligible = bool(
-        sender and v.account_id and directory.may_act(sender, v.account_id, v.service_id)
+        sender and v.account_id and directory.may_act(sender, v.account_id, v.service_id, requester)
     )
     if v.decision in (Decision.AUTHORIZED, Decision.PENDING):
         # Only an eligible sender, with every participant eligible, gets here.
         assert sender is not None and sender_eligible
         for r in facts.recipients:
-            if r not in config.desk_addresses and r != sender:
-                assert v.account_id and directory.may_act(r, v.account_id, v.service_id), r
+            if not config.is_ours(r) and r != sender:
+                assert v.account_id and directory.may_take_part(r, v.account_id, v.service_id), r
         assert not facts.recipients_unreadable
         assert not (config.dmarc_enforce and facts.dmarc_fail)
         assert sender not in config.admin_senders

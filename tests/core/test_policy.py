@@ -63,6 +63,7 @@ from tests.core.world import (
 )
 
 QUIET = replace(CONFIG, notify_unknown_senders=False)
+T_BY_OPS = ticket(1009, "acme", requester=OPS)  # opened by a contact with two shares
 NO_DMARC = replace(CONFIG, dmarc_enforce=False)
 ADMIN_HEADER = (("x-mailer", "IQ.Admin 4.2"),)
 
@@ -478,23 +479,35 @@ CASES: tuple[Case, ...] = (
         ticket=T_OPEN,
     ),
     Case(
-        "shared-followup-ticket-without-service",
+        # A share on one service does not open the account's own tickets (those
+        # without a service) to its holder: they are the primary's.
+        "shared-contact-on-the-primarys-ticket-without-service",
         mail(MAIL_ADMIN, tag=tag(T_OPEN)),
-        D.AUTHORIZED,
-        (),
+        D.UNAUTHORIZED,
+        (R.UNSHARED_CC,),
         ATTACH,
-        (STAFF,),
+        (STAFF, refusal(MAIL_ADMIN), code_changed(OWNER)),
         ticket=T_OPEN,
+        also={"rules_hit": ("unshared_sender",), "rotate_code": True},
     ),
     Case(
-        "two-account-contact-on-ticket-naming-the-account",
-        mail(DEV, tag=tag(T_OPEN)),
+        "shared-contact-on-their-own-ticket-without-service",
+        mail(OPS, tag=tag(T_BY_OPS)),
         D.AUTHORIZED,
         (),
         ATTACH,
         (STAFF,),
+        ticket=T_BY_OPS,
+    ),
+    Case(
+        "two-account-contact-on-the-primarys-ticket-naming-the-account",
+        mail(DEV, tag=tag(T_OPEN)),
+        D.UNAUTHORIZED,
+        (R.UNSHARED_CC,),
+        ATTACH,
+        (STAFF, refusal(DEV), code_changed(OWNER)),
         ticket=T_OPEN,
-        also={"account_id": "acme"},
+        also={"account_id": "acme", "rotate_code": True},
     ),
     Case(
         "shared-followup-on-their-service",
@@ -974,9 +987,48 @@ NEW_CASES: tuple[Case, ...] = (
         D.IGNORED,
         (R.MAILING_LIST,),
         ATTACH,
-        (STAFF,),
+        (STAFF, code_changed(OWNER)),
         ticket=T_OPEN,
         also={"rotate_code": True},
+    ),
+    Case(
+        # An auto-generated mail with an outsider in Cc spreads the code like any mail.
+        "auto-generated-mail-with-an-outsider-carrying-the-code-replaces-it",
+        mail(tag=tag(T_OPEN), auto_submitted="auto-generated", cc=(STRANGER,)),
+        D.IGNORED,
+        (R.AUTO_SUBMITTED,),
+        ATTACH,
+        (STAFF, code_changed(OWNER)),
+        ticket=T_OPEN,
+        also={"rotate_code": True},
+    ),
+    Case(
+        "a-bounce-quoting-our-mail-with-the-code-keeps-it",
+        replace(BOUNCE, tag=tag(T_OPEN)),
+        D.IGNORED,
+        (R.BOUNCE,),
+        ATTACH,
+        (STAFF,),
+        ticket=T_OPEN,
+        also={"rotate_code": False},
+    ),
+    Case(
+        "our-staff-copy-back-through-a-forwarder-is-a-loop",
+        mail(OWNER, seen_before=True),
+        D.IGNORED,
+        (R.AUTO_SUBMITTED,),
+        NONE,
+        (),
+        also={"rules_hit": ("message_returned",)},
+    ),
+    Case(
+        "a-cc-to-the-desks-own-sub-addresses-is-no-outsider",
+        mail(tag=tag(T_OPEN), cc=("bok+faktury@desk.test", "bok+bounce-7-abc@desk.test")),
+        D.AUTHORIZED,
+        (),
+        ATTACH,
+        (STAFF,),
+        ticket=T_OPEN,
     ),
     Case(
         "auto-reply-of-the-owner-carrying-the-code-keeps-it",
@@ -1112,8 +1164,9 @@ def test_only_eligible_senders_hear_of_the_ticket() -> None:
         v = _run(case)
         if v.decision is not Decision.UNAUTHORIZED or case.facts.sender is None:
             continue
+        requester = case.ticket.requester if case.ticket else case.facts.sender
         eligible = v.account_id is not None and case.directory.may_act(
-            case.facts.sender, v.account_id, v.service_id
+            case.facts.sender, v.account_id, v.service_id, requester
         )
         for intent in v.mails:
             if intent.kind in (MailKind.NOTICE, MailKind.REFUSAL):

@@ -196,3 +196,70 @@ def test_a_staff_address_that_is_a_desk_address_is_refused(staff: str) -> None:
     data["outbound"]["staff_address"] = staff
     with pytest.raises(ConfigError, match="staff_address: is a desk address"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "vacation",  # an old vacation(1) answers the envelope sender, ignores Auto-Submitted
+        "delivered",  # a success notification
+    ],
+)
+async def test_mail_to_our_envelope_sender_that_is_no_failure_suppresses_nothing(
+    desk: Harness, reply: str
+) -> None:
+    content, verp = await _link_mail(desk)
+    if reply == "vacation":
+        raw = (
+            f"From: {OWNER}\r\nTo: {verp}\r\nSubject: Urlop\r\n"
+            "Message-ID: <vacation@acme.test>\r\n\r\nJestem na urlopie.\r\n"
+        ).encode()
+        sender = OWNER
+    else:
+        raw = _dsn(_returned_part(content), OWNER, "2.0.0", "delivered")
+        sender = ""
+    assert (await desk.send_raw(raw, mail_from=sender, rcpt=[verp]))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert row.decision == "ignored" and row.outbox_ref is not None
+    async with desk.db.read() as session:
+        assert await session.get(Suppression, OWNER) is None
+    async with desk.http.get(desk.base_url + link_in(parse(content))) as resp:
+        assert resp.status == 200  # the owner can still click
+
+
+async def test_a_refusals_return_address_files_nothing_under_the_ticket(desk: Harness) -> None:
+    """A stranger who guessed a ticket number gets a refusal; its return address must not
+    let them file messages under that ticket."""
+    number = await desk.authorized_ticket()
+    await desk.send(sender="anna@nieznana-firma.test", subject=f"Re: [IQ.pl#{number}] hej")
+    await desk.drain()
+    [refusal] = [m for m in desk.relay.messages if m.rcpt_tos == ["anna@nieznana-firma.test"]]
+    desk.new_mail()
+    raw = (
+        f"From: anna@nieznana-firma.test\r\nTo: {refusal.mail_from}\r\nSubject: x\r\n"
+        "Message-ID: <hidden@nieznana-firma.test>\r\n\r\nukryte\r\n"
+    ).encode()
+    assert (await desk.send_raw(raw, "anna@nieznana-firma.test", [refusal.mail_from]))[0] == 250
+    await desk.drain()
+    assert (await desk.last_message()).ticket_id is None
+
+
+async def test_our_staff_copy_back_without_our_marks_is_a_loop(desk: Harness) -> None:
+    """A forwarder that strips X-* headers returns the staff copy: no new ticket, no loop."""
+    await desk.send(subject="Przez forwarder")
+    await desk.drain()
+    [copy] = [m.content for m in desk.relay.messages if m.rcpt_tos == [STAFF]]
+    desk.new_mail()
+    stripped = b"".join(
+        line
+        for line in copy.split(b"\r\n\r\n", 1)[0].splitlines(keepends=True)
+        if not line.lower().startswith(b"x-iq-")
+    )
+    forwarded = b"Received: from forwarder.test by mx.desk.test; x\r\n" + stripped
+    forwarded += b"\r\n\r\n" + copy.split(b"\r\n\r\n", 1)[1]
+    assert (await desk.send_raw(forwarded, mail_from=OWNER))[0] == 250
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.rules_hit, row.ticket_id) == ("ignored", ["message_returned"], None)
+    assert desk.new_mail() == []

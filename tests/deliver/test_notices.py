@@ -79,3 +79,23 @@ async def test_a_forger_using_up_the_owners_quota_does_not_hide_the_real_request
         assert [OWNER] in [m.envelope_to for m in h.new_mail()]
     finally:
         await stop_harness(h)
+
+
+async def test_a_responder_answering_our_notice_gets_no_second_one(desk: Harness) -> None:
+    """A cheap auto-responder (no Auto-Submitted) would ping-pong with our notices."""
+    await desk.send(subject="Nowe")  # pending: its notices name it without the code
+    await desk.drain()
+    desk.new_mail()
+    await desk.send(subject="Re: [IQ.pl#1000] bez kodu")  # earns a notice
+    await desk.drain()
+    [notice] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    await desk.send(
+        subject=f"Re: {notice['Subject']}",
+        body="Jestem na urlopie.",
+        headers={"In-Reply-To": notice["Message-ID"], "References": notice["Message-ID"]},
+    )
+    await desk.drain()
+    row = await desk.last_message()
+    assert (row.decision, row.suppressed) == ("unauthorized", ["notice:answers_a_notice"])
+    [staff] = desk.new_mail()  # staff only, and they see why nothing was answered
+    assert staff.envelope_to == [STAFF] and staff["X-IQ-Suppressed"] == "notice:answers_a_notice"

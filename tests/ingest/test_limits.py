@@ -31,7 +31,9 @@ def _session(port: int, mail_from: bytes) -> list[str]:
         replies = [wire.reply()[0]]
         replies.append(wire.cmd(f"RCPT TO:<{DESK}>")[0])
         replies.append(wire.cmd("DATA")[0])
-        wire.send_data(mail_bytes(message_id=f"<{abs(hash(mail_from))}@client.test>"))
+        nul = "\x00" if b"nul-in" in mail_from else ""
+        ident = f"<{abs(hash(mail_from))}{nul}@client.test>"
+        wire.send_data(mail_bytes(message_id=ident))
         replies.append(wire.reply()[0])
         wire.cmd("QUIT")
         return replies
@@ -45,6 +47,7 @@ async def test_a_bad_envelope_is_stored_and_fails_no_neighbour(any_desk: Harness
     desk = any_desk
     port = desk.daemon.smtp_port
     senders = [b"\xff\xfe@broken.test", b"a\x00b@nul.test", b"x" * 500 + b"@long.test"]
+    senders += [b"nul-in-message-id@acme.test"]  # its Message-ID holds a NUL (see below)
     senders += [f"good{i}@acme.test".encode() for i in range(5)]
     results = await asyncio.gather(*(asyncio.to_thread(_session, port, s) for s in senders))
     for sender, replies in zip(senders, results, strict=True):
@@ -198,3 +201,24 @@ async def test_a_sub_address_of_the_desk_is_the_desk(desk: Harness) -> None:
     [staff] = [m for m in desk.new_mail() if m.envelope_to == [STAFF]]
     assert staff["X-IQ-Desk-Extension"] == "faktury"
     assert (await desk.send_raw(mail_bytes(), rcpt=["staff+x@desk.test"]))[0] == 550
+
+
+async def test_a_client_declaring_no_size_or_too_little_is_held_to_a_megabyte(
+    capped: Harness,
+) -> None:
+    port = capped.daemon.smtp_port
+
+    def open_data(declared: str) -> tuple[Wire, str]:
+        wire = Wire(port)
+        wire.reply()
+        wire.cmd("EHLO client.test")
+        wire.cmd(f"MAIL FROM:<owner@acme.test>{declared}")
+        wire.cmd(f"RCPT TO:<{DESK}>")
+        return wire, wire.cmd("DATA")[0]
+
+    first, reply = await asyncio.to_thread(open_data, " SIZE=1")
+    assert reply.startswith("354")
+    second, reply = await asyncio.to_thread(open_data, "")
+    assert reply.startswith("452 4.3.1"), reply
+    first.close()
+    second.close()

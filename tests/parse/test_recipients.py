@@ -93,3 +93,31 @@ async def test_a_utf8_local_part_is_an_address(desk: Harness) -> None:
     )
     [link] = [m for m in desk.new_mail() if m.envelope_to == ["łukasz@acme.test"]]
     assert "/authorize/" in link.as_string() and "łukasz@acme.test" in str(link["To"])
+
+
+async def test_an_ignored_message_that_leaks_the_code_replaces_it(desk: Harness) -> None:
+    """An auto-generated mail is ignored, but if it carried the code past an outsider the
+    code is gone all the same: the outsider forging the owner with it gets nowhere."""
+    number = await desk.authorized_ticket()
+    old_tag = await desk.tag(number)
+    await desk.send(
+        subject=f"Re: {old_tag} przypomnienie",
+        cc=[OUTSIDER],
+        headers={"Auto-Submitted": "auto-generated"},
+    )
+    await desk.drain()
+    assert (await desk.last_message()).decision == "ignored"
+    new_tag = await desk.tag(number)
+    assert new_tag != old_tag
+    [changed] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    assert new_tag in str(changed["Subject"])
+    await desk.send(subject=f"Re: {old_tag} proszę zmienić hasło", mail_from=OUTSIDER)
+    await desk.drain()
+    assert (await desk.last_message()).reasons == ["code_mismatch"]
+
+
+async def test_a_cc_to_the_desks_own_sub_address_is_no_outsider(desk: Harness) -> None:
+    number = await desk.authorized_ticket()
+    await desk.send(subject=f"Re: {await desk.tag(number)} x", cc=["bok+faktury@desk.test"])
+    await desk.drain()
+    assert (await desk.last_message()).decision == "authorized"
