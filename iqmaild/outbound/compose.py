@@ -46,8 +46,9 @@ _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
 _XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")  # a line over SMTP's 998 octets
 # RFC 3834 automatic mail, and Exchange's "no out-of-office replies to this".
-_AUTOMATIC_FIELDS = mime.token("Auto-Submitted", "auto-replied") + mime.token(
-    "X-Auto-Response-Suppress", "All"
+_AUTOMATIC_FIELDS = (
+    mime.token("Auto-Submitted", "auto-replied"),
+    mime.token("X-Auto-Response-Suppress", "All"),
 )
 
 
@@ -104,7 +105,7 @@ class Composer:
         # Parsed once: every outbound mail names it.
         self.desk_address = config.desk_address
         self._from = _display_name_and_address(config.outbound.from_, self.desk_address)
-        self._from_fields: dict[bool, str] = {}  # the From field, ASCII and UTF-8
+        self._from_fields: dict[bool, mime.Field] = {}  # the From field, ASCII and UTF-8
 
     def new_message_id(self, ticket_number: int | None) -> str:
         unique = secrets.token_hex(8)
@@ -178,18 +179,20 @@ class Composer:
         if thread is not None:
             self._thread_fields(fields, thread, ticket.subject if ticket else "", utf8)
         if automatic:
-            fields.append(_AUTOMATIC_FIELDS)
+            fields += _AUTOMATIC_FIELDS
         content = mime.message(fields, rendered.text, rendered.html, utf8=utf8)
         return Composed(content, message_id)
 
-    def _from_field(self, utf8: bool) -> str:
+    def _from_field(self, utf8: bool) -> mime.Field:
         field = self._from_fields.get(utf8)
         if field is None:
             name, addr = self._from
             field = self._from_fields[utf8] = mime.address("From", addr, name, utf8=utf8)
         return field
 
-    def _thread_fields(self, fields: list[str], thread: ThreadInfo, topic: str, utf8: bool) -> None:
+    def _thread_fields(
+        self, fields: list[mime.Field], thread: ThreadInfo, topic: str, utf8: bool
+    ) -> None:
         # Ids are plain ASCII (the parser keeps no other); one that is not is dropped
         # here rather than written in a form a reader could take for something else.
         refs = [r for r in thread.references if r and mime.is_msg_id(f"<{r}>")][-20:]

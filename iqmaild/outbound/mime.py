@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 __all__ = [
     "HARD_LINE_LIMIT",
     "LINE_LIMIT",
+    "Field",
     "address",
     "clean_header_text",
     "date",
@@ -73,9 +74,6 @@ _DOMAIN_UTF8 = re.compile(
 # The parser's own rule for ids it keeps (parse._MSGID): printable ASCII but "<" and ">".
 _MSG_ID = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,900}>")
 _TOKEN = re.compile(r"[\x21-\x7e]{1,900}")
-# A whole header section as this module writes it: names, values without a bare
-# CR or LF, continuation lines that start with white space.
-_SECTION = re.compile(r"(?:[!-9;-~]+:(?:[^\r\n\x00]|\r\n[ \t])*\r\n)*")
 
 # Q encoding (RFC 2047 4.2) restricted to the characters 5(3) allows in a phrase,
 # so one table serves Subject and display names alike; space becomes "_".
@@ -83,7 +81,6 @@ _Q_SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/"
 _Q = [chr(b) if b in _Q_SAFE else f"={b:02X}" for b in range(256)]
 _Q[0x20] = "_"
 _Q_SAFE_WITH_SPACE = _Q_SAFE + b" "
-_Q_COST = [len(q) for q in _Q]
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -101,9 +98,25 @@ def clean_header_text(value: str) -> str:
     return " ".join(_CONTROLS.sub(" ", value).split())
 
 
+class Field(str):
+    """One header field as the writers of this module make it, CRLF included.
+
+    `message` takes nothing else, so a header section is only ever put together
+    from values that went through a writer.
+    """
+
+    __slots__ = ()
+
+
+_NAMES_SEEN: set[str] = set()
+
+
 def _check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"not a header field name: {name!r}")
+    if name not in _NAMES_SEEN:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"not a header field name: {name!r}")
+        if len(_NAMES_SEEN) < 100:
+            _NAMES_SEEN.add(name)
 
 
 def _needs_encoding(word: str, utf8: bool) -> bool:
@@ -173,9 +186,49 @@ def _b(data: bytes) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
-def _utf8_len(ch: str) -> int:
-    o = ord(ch)
-    return 1 if o < 0x80 else 2 if o < 0x800 else 3 if o < 0x10000 else 4
+def _is_continuation(byte: int) -> bool:
+    return 0x80 <= byte < 0xC0
+
+
+def _b_chunks(data: bytes, first: int, rest: int) -> list[bytes]:
+    """``data`` cut at character boundaries into pieces whose base64 fits ``first``
+    characters (the first piece) and ``rest`` (the others)."""
+    pieces: list[bytes] = []
+    pos, n, limit = 0, len(data), first
+    while pos < n:
+        end = min(pos + limit // 4 * 3, n)
+        while end < n and end > pos and _is_continuation(data[end]):
+            end -= 1
+        if end <= pos:  # not even one character fits: take one whole anyway
+            end = pos + 1
+            while end < n and _is_continuation(data[end]):
+                end += 1
+        pieces.append(data[pos:end])
+        pos, limit = end, rest
+    return pieces
+
+
+def _q_chunks(q: str, first: int, rest: int) -> list[str]:
+    """Q-encoded text cut into pieces of at most ``first`` / ``rest`` characters,
+    never inside an "=XX" and never before the continuation octet of a character."""
+    pieces: list[str] = []
+    pos, n, limit = 0, len(q), first
+    while pos < n:
+        end = min(pos + limit, n)
+        if end < n:
+            if q[end - 1] == "=":
+                end -= 1
+            elif q[end - 2] == "=" and end - 2 >= pos:
+                end -= 2
+            while end > pos and q[end] == "=" and q[end + 1] in "89AB":
+                end -= 3  # a continuation octet: its character starts further back
+            if end <= pos:  # not even one character fits: take one whole anyway
+                end = pos + (3 if q[pos] == "=" else 1)
+                while end < n and q[end] == "=" and q[end + 1] in "89AB":
+                    end += 3
+        pieces.append(q[pos:end])
+        pos, limit = end, rest
+    return pieces
 
 
 def _encoded_words(text: str, first_room: int, room: int) -> list[str]:
@@ -185,32 +238,16 @@ def _encoded_words(text: str, first_room: int, room: int) -> list[str]:
     data = text.encode("utf-8")
     b_len = (len(data) + 2) // 3 * 4
     q_len = len(data) + 2 * len(data.translate(None, _Q_SAFE_WITH_SPACE))
-    use_b = b_len < q_len
-    if (b_len if use_b else q_len) + _EW_OVERHEAD <= (first_room or room):
-        # One word is enough: the common case, without a walk over the characters.
-        return [_EW_PREFIX + ("b?" + _b(data) if use_b else "q?" + _q(data)) + "?="]
-    words: list[str] = []
-    limit = (first_room or room) - _EW_OVERHEAD
-    start = 0  # in characters
-    cost = 0
-    nbytes = 0
-    for index, ch in enumerate(text):
-        if use_b:
-            size = _utf8_len(ch)
-            fits = (nbytes + size + 2) // 3 * 4 <= limit
-        else:
-            size = _Q_COST[ord(ch)] if ord(ch) < 0x80 else 3 * _utf8_len(ch)
-            fits = cost + size <= limit
-        if not fits and index > start:
-            chunk = text[start:index].encode("utf-8")
-            words.append(_EW_PREFIX + ("b?" + _b(chunk) if use_b else "q?" + _q(chunk)) + "?=")
-            start, cost, nbytes = index, 0, 0
-            limit = room - _EW_OVERHEAD
-        cost += size
-        nbytes += size
-    chunk = text[start:].encode("utf-8")
-    words.append(_EW_PREFIX + ("b?" + _b(chunk) if use_b else "q?" + _q(chunk)) + "?=")
-    return words
+    first = (first_room or room) - _EW_OVERHEAD
+    rest = room - _EW_OVERHEAD
+    if b_len < q_len:
+        if b_len <= first:
+            return [_EW_PREFIX + "b?" + _b(data) + "?="]
+        return [_EW_PREFIX + "b?" + _b(piece) + "?=" for piece in _b_chunks(data, first, rest)]
+    q = _q(data)
+    if q_len <= first:
+        return [_EW_PREFIX + "q?" + q + "?="]
+    return [_EW_PREFIX + "q?" + piece + "?=" for piece in _q_chunks(q, first, rest)]
 
 
 def _fold(name: str, tokens: Iterable[str | _Run]) -> str:
@@ -242,16 +279,19 @@ def _fold(name: str, tokens: Iterable[str | _Run]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def unstructured(name: str, value: str, *, utf8: bool = False) -> str:
+def unstructured(name: str, value: str, *, utf8: bool = False) -> Field:
     """An unstructured field (Subject, Thread-Topic): plain words where they can be,
     encoded words where they cannot."""
     _check_name(name)
     text = clean_header_text(value)
     if not text:
-        return name + ":\r\n"
-    if (text.isascii() or utf8) and len(text) + len(name) + 2 <= LINE_LIMIT and "=?" not in text:
-        return f"{name}: {text}\r\n"  # short and plain: nothing to fold or encode
-    return _fold(name, _words_to_tokens(text.split(" "), utf8))
+        return Field(name + ":\r\n")
+    if "=?" not in text and (text.isascii() or utf8) and len(text.encode()) <= _WORD_LIMIT:
+        # Every word can stand as it is: nothing to encode, at most to fold.
+        if len(text) + len(name) + 2 <= LINE_LIMIT:
+            return Field(f"{name}: {text}\r\n")
+        return Field(_fold(name, text.split(" ")))
+    return Field(_fold(name, _words_to_tokens(text.split(" "), utf8)))
 
 
 # -- addresses ------------------------------------------------------------------
@@ -288,7 +328,7 @@ def _phrase(display_name: str, utf8: bool) -> list[str | _Run]:
     return list(escaped)
 
 
-def address(name: str, addr_spec: str, display_name: str = "", *, utf8: bool = False) -> str:
+def address(name: str, addr_spec: str, display_name: str = "", *, utf8: bool = False) -> Field:
     """A one-mailbox field: ``addr`` alone, or ``display name <addr>``.
 
     The display name is quoted or encoded as RFC 5322 and 2047 need; the address
@@ -302,8 +342,8 @@ def address(name: str, addr_spec: str, display_name: str = "", *, utf8: bool = F
         raise ValueError("address too long for a header line")
     text = clean_header_text(display_name)
     if not text:
-        return _fold(name, [spec])
-    return _fold(name, [*_phrase(text, utf8), f"<{spec}>"])
+        return Field(_fold(name, [spec]))
+    return Field(_fold(name, [*_phrase(text, utf8), f"<{spec}>"]))
 
 
 # -- ids, tokens, dates ---------------------------------------------------------
@@ -314,7 +354,7 @@ def is_msg_id(value: str) -> bool:
     return _MSG_ID.fullmatch(value) is not None
 
 
-def msg_ids(name: str, ids: Sequence[str]) -> str:
+def msg_ids(name: str, ids: Sequence[str]) -> Field:
     """Message-ID, In-Reply-To, References: ``<id>`` values, plain ASCII, folded
     only at the spaces between ids, never encoded."""
     _check_name(name)
@@ -323,15 +363,15 @@ def msg_ids(name: str, ids: Sequence[str]) -> str:
     for value in ids:
         if not _MSG_ID.fullmatch(value):
             raise ValueError(f"not a message id: {value!r}")
-    return _fold(name, ids)
+    return Field(_fold(name, ids))
 
 
-def token(name: str, value: str) -> str:
+def token(name: str, value: str) -> Field:
     """A field whose value is one ASCII token (Auto-Submitted, X-IQ-Loop, Thread-Index)."""
     _check_name(name)
     if not _TOKEN.fullmatch(value):
         raise ValueError(f"not an ASCII token: {value!r}")
-    return f"{name}: {value}\r\n"
+    return Field(f"{name}: {value}\r\n")
 
 
 def format_date(when: datetime) -> str:
@@ -345,22 +385,26 @@ def format_date(when: datetime) -> str:
     )
 
 
-def date(name: str, when: datetime) -> str:
+def date(name: str, when: datetime) -> Field:
     _check_name(name)
-    return f"{name}: {format_date(when)}\r\n"
+    return Field(f"{name}: {format_date(when)}\r\n")
 
 
 # -- bodies ---------------------------------------------------------------------
 
+_QP_LINE = 76  # RFC 2045 6.7 (5): characters per line, the "=" of a soft break included
 # A line of quoted-printable output that some transport could alter: "." (SMTP's
 # end of data when not dot-stuffed) and "From " (mbox).
 _UNSAFE_LINE = re.compile(rb"^(?:\.|From )[^\n]*", re.MULTILINE)
+# b2a_qp lets a line reach 76 characters before its line break and then encodes a
+# space or tab at its end, which makes 78; and so does our soft break at the end.
+_LONG_LINE = re.compile(rb"^[^\n]{%d,}" % (_QP_LINE + 1), re.MULTILINE)
 _QP_ATOM = re.compile(rb"=[0-9A-F]{2}|[^=]")
-_QP_LINE = 76  # RFC 2045 6.7 (5), with the "=" of a soft line break
 
 
-def _protect_line(match: re.Match[bytes]) -> bytes:
-    """One physical quoted-printable line whose start is encoded, refolded to 76."""
+def _refold(match: re.Match[bytes]) -> bytes:
+    """One physical line of quoted-printable, refolded: at most 76 characters a line,
+    none starting with "." or "F" (of "From ")."""
     line = match.group()
     soft = line.endswith(b"=")
     atoms = _QP_ATOM.findall(line[:-1] if soft else line)
@@ -375,7 +419,7 @@ def _protect_line(match: re.Match[bytes]) -> bytes:
             atom = b"=%02X" % atom[0]
         current.append(atom)
         width += len(atom)
-    # Every line holds at most 75 characters: room for a soft break on the last, too.
+    # At most 75 characters on every line: room for a soft break on the last, too.
     out.append(b"".join(current) + (b"=" if soft else b""))
     return b"\n".join(out)
 
@@ -399,10 +443,14 @@ def quoted_printable(text: str) -> bytes:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     data = _encode_utf8(text)
     encoded = binascii.b2a_qp(data, False, True, False)
+    long_lines = b"=20\n" in encoded or b"=09\n" in encoded
     if data and not data.endswith(b"\n"):
+        long_lines = long_lines or len(encoded) - encoded.rfind(b"\n") > _QP_LINE
         encoded += b"=\n"
-    if _UNSAFE_LINE.search(encoded):
-        encoded = _UNSAFE_LINE.sub(_protect_line, encoded)
+    if long_lines:
+        encoded = _LONG_LINE.sub(_refold, encoded)
+    if encoded.startswith((b".", b"From ")) or b"\n." in encoded or b"\nFrom " in encoded:
+        encoded = _UNSAFE_LINE.sub(_refold, encoded)
     return encoded.replace(b"\n", b"\r\n")
 
 
@@ -421,14 +469,19 @@ def _boundary(parts: Sequence[bytes]) -> bytes:
 
 
 def message(
-    fields: Sequence[str], text: str, html: str | None = None, *, utf8: bool = False
+    fields: Sequence[Field], text: str, html: str | None = None, *, utf8: bool = False
 ) -> bytes:
     """A whole message: ``fields`` (from the writers above, in order), then
     MIME-Version and the body: text/plain, or multipart/alternative of text and
     HTML. Header values must be ASCII unless ``utf8``."""
+    for field in fields:
+        if type(field) is not Field:
+            raise TypeError("header fields must come from the writers of this module")
     head = "".join(fields)
-    if not _SECTION.fullmatch(head):
-        raise ValueError("header fields must come from the writers of this module")
+    # The writers' own promise, checked once more where it is cheap: no NUL, and
+    # no CR or LF but in CRLF pairs.
+    if "\x00" in head or not head.count("\r") == head.count("\n") == head.count("\r\n"):
+        raise ValueError("a bare CR, LF or NUL in a header field")
     head_bytes = head.encode("utf-8" if utf8 else "ascii")
     for line in head_bytes.split(b"\r\n"):
         if len(line) > HARD_LINE_LIMIT:
