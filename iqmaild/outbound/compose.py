@@ -81,7 +81,7 @@ def _display_name_and_address(from_: str, address: str) -> tuple[str, str]:
     header = policy.default.header_factory("from", from_)
     mailboxes = getattr(header, "addresses", ())
     name = mailboxes[0].display_name if mailboxes else ""
-    return clean_text(name, 200), address
+    return clean_text(name), address
 
 
 def _child_thread_index(parent: str) -> str | None:
@@ -161,9 +161,10 @@ class Composer:
     ) -> Composed:
         """A rendered mail as bytes, written by `mime` without an `EmailMessage`.
 
-        The same fields in the same order as the `EmailMessage` it replaces
-        (`write_email_message`): to a UTF-8 local part the headers are UTF-8 too
-        (RFC 6531, sent with SMTPUTF8), as ``email.policy.SMTPUTF8`` writes them.
+        The same fields, in the same order, as the `EmailMessage` it replaces
+        (`write_email_message`), MIME-Version always right before Content-Type.
+        To a UTF-8 local part the headers are UTF-8 too (RFC 6531, sent with
+        SMTPUTF8), as ``email.policy.SMTPUTF8`` writes them.
         """
         utf8 = not recipient.isascii()
         subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject

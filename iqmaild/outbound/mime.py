@@ -218,7 +218,7 @@ def _q_chunks(q: str, first: int, rest: int) -> list[str]:
         if end < n:
             if q[end - 1] == "=":
                 end -= 1
-            elif q[end - 2] == "=" and end - 2 >= pos:
+            elif end - 2 >= pos and q[end - 2] == "=":
                 end -= 2
             while end > pos and q[end] == "=" and q[end + 1] in "89AB":
                 end -= 3  # a continuation octet: its character starts further back

@@ -805,3 +805,12 @@ def test_ids_the_parser_would_not_keep_are_left_out(composers: dict[str, Compose
     msg = parse(composer.write(rendered, None, "owner@acme.test", thread, True).content)
     assert msg["In-Reply-To"] is None
     assert str(msg["References"]) == "<ok@client.test>"
+
+
+def test_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/compose.py in its short mode: it runs, no timing asserted."""
+    from bench import compose as bench_compose
+
+    assert bench_compose.main(["--short"]) == 0
+    out = capsys.readouterr().out
+    assert "total: render + bytes" in out and "mime: EmailMessage" in out
