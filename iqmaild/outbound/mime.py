@@ -7,7 +7,7 @@ send has a fixed, small shape, so it is written here directly as bytes:
 - header fields, each a ``str`` ending in CRLF, folded at 78 characters where a
   value allows it and never longer than 998 octets: unstructured text (RFC 2047
   encoded words for what is not ASCII, UTF-8, B or Q whichever is shorter),
-  addresses (RFC 5322, RFC 6531 local parts), ``Date``, message ids (plain ASCII,
+  addresses (RFC 5322, RFC 6531 local parts), ``Date`` (UTC), message ids (plain ASCII,
   folded only between ids) and ASCII tokens;
 - a ``text/plain`` body, or ``multipart/alternative`` text + HTML, UTF-8,
   quoted-printable (``binascii.b2a_qp``, in C), CRLF line endings, with lines
@@ -375,13 +375,18 @@ def token(name: str, value: str) -> Field:
 
 
 def format_date(when: datetime) -> str:
-    """RFC 5322 date-time in UTC, as ``email.utils.format_datetime(when, usegmt=True)``."""
+    """RFC 5322 3.3 date-time in UTC, zone "+0000".
+
+    ``email.utils.format_datetime(when, usegmt=True)`` writes "GMT", which RFC
+    5322 4.3 lists as obsolete syntax (to be read, not generated); an
+    `EmailMessage` re-renders it as "+0000" anyway, so that is what we sent.
+    """
     if when.tzinfo is None or when.utcoffset() is None:
         raise ValueError("a Date needs an aware datetime")
     t = when.astimezone(UTC)
     return (
         f"{_DAYS[t.weekday()]}, {t.day:02d} {_MONTHS[t.month - 1]} {t.year:04d} "
-        f"{t.hour:02d}:{t.minute:02d}:{t.second:02d} GMT"
+        f"{t.hour:02d}:{t.minute:02d}:{t.second:02d} +0000"
     )
 
 
