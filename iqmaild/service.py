@@ -128,7 +128,6 @@ class Daemon:
                 out.append(f"{stage} has been failing for {loop.time() - failing:.0f} s")
         return out
 
-
     async def _classify_loop(self) -> None:
         """Classify what is due; a database outage backs off and never ends the loop."""
         backoff = 0.5

@@ -324,9 +324,7 @@ async def authorize_ticket(session: AsyncSession, desk: Desk, ticket: Ticket) ->
     for message in pending:
         message.decision = "authorized"
         context = StaffCopy("authorized", (), message.sender_role)
-        staff_copy(
-            session, desk, message=message, raw=message.raw, ticket=ticket, context=context
-        )
+        staff_copy(session, desk, message=message, raw=message.raw, ticket=ticket, context=context)
     await session.execute(
         update(AuthToken)
         .where(AuthToken.ticket_id == ticket.id, AuthToken.used_at.is_(None))

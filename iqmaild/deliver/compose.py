@@ -24,7 +24,8 @@ from iqmaild.core import loopmark, threadref
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.text import clean_text
 from iqmaild.core.vocabulary import MailKind
-from iqmaild.rendering import Renderer
+from iqmaild.deliver import mime
+from iqmaild.rendering import RenderedMail, Renderer
 
 # SMTP line endings; long ASCII ids fold at spaces, never into encoded words.
 MAIL_POLICY = policy.SMTP.clone(max_line_length=998)
@@ -44,6 +45,11 @@ def address_header(address: str) -> Any:
 _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
 _XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")  # a line over SMTP's 998 octets
+# RFC 3834 automatic mail, and Exchange's "no out-of-office replies to this".
+_AUTOMATIC_FIELDS = (
+    mime.token("Auto-Submitted", "auto-replied"),
+    mime.token("X-Auto-Response-Suppress", "All"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,21 @@ class TicketRef:
     subject: str
 
 
+def _display_name_and_address(from_: str, address: str) -> tuple[str, str]:
+    """The display name of ``outbound.from`` (read once, at start) and its address."""
+    header = policy.default.header_factory("from", from_)
+    mailboxes = getattr(header, "addresses", ())
+    name = mailboxes[0].display_name if mailboxes else ""
+    return clean_text(name), address
+
+
+def _mark(kind: MailKind | None, automatic: bool) -> str:
+    """What kind of mail of ours a Message-ID names (its first character)."""
+    if kind in (MailKind.NOTICE, MailKind.REFUSAL):
+        return threadref.NOTICE
+    return threadref.AUTOMATIC if automatic else threadref.PERSON
+
+
 def _child_thread_index(parent: str) -> str | None:
     """Outlook's Thread-Index of a reply: the parent's bytes plus a 5-byte child block."""
     try:
@@ -90,6 +111,8 @@ class Composer:
         self.domain = config.message_id_domain
         # Parsed once: every outbound mail names it.
         self.desk_address = config.desk_address
+        self._from = _display_name_and_address(config.outbound.from_, self.desk_address)
+        self._from_fields: dict[bool, mime.Field] = {}  # the From field, ASCII and UTF-8
 
     def new_message_id(self, ticket_number: int | None, kind: str = threadref.AUTOMATIC) -> str:
         """Ours, signed; its first character says what kind of mail it is (threadref)."""
@@ -115,7 +138,18 @@ class Composer:
         ``ticket`` None: the mail must reveal nothing of any ticket (a refusal),
         so it carries no tag and its Message-ID names no ticket.
         """
-        rendered = self.renderer.render_mail(
+        rendered = self.render(kind, lang, ticket, recipient, ctx)
+        return self.write(rendered, ticket, recipient, thread, automatic, kind)
+
+    def render(
+        self,
+        kind: MailKind,
+        lang: str,
+        ticket: TicketRef | None,
+        recipient: str,
+        ctx: dict[str, Any],
+    ) -> RenderedMail:
+        return self.renderer.render_mail(
             lang,
             kind.value,
             ticket=ticket,
@@ -124,6 +158,81 @@ class Composer:
             panel_url=self.config.notices.panel_url,
             **ctx,
         )
+
+    def write(
+        self,
+        rendered: RenderedMail,
+        ticket: TicketRef | None,
+        recipient: str,
+        thread: ThreadInfo | None,
+        automatic: bool,
+        kind: MailKind | None = None,
+    ) -> Composed:
+        """A rendered mail as bytes, written by `mime` without an `EmailMessage`.
+
+        The same fields, in the same order, as the `EmailMessage` it replaces
+        (`write_email_message`), MIME-Version always right before Content-Type.
+        To a UTF-8 local part the headers are UTF-8 too (RFC 6531, sent with
+        SMTPUTF8), as ``email.policy.SMTPUTF8`` writes them.
+        """
+        utf8 = not recipient.isascii()
+        subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
+        message_id = self.new_message_id(ticket.number if ticket else None, _mark(kind, automatic))
+        fields = [
+            self._from_field(utf8),
+            mime.address("To", recipient, utf8=utf8),
+            mime.unstructured("Subject", clean_text(subject, 900), utf8=utf8),
+            mime.date("Date", _now()),
+            mime.msg_ids("Message-ID", (message_id,)),
+            mime.token(loopmark.HEADER, self.loop_mark()),
+        ]
+        if thread is not None:
+            self._thread_fields(fields, thread, ticket.subject if ticket else "", utf8)
+        if automatic:
+            fields += _AUTOMATIC_FIELDS
+        content = mime.message(fields, rendered.text, rendered.html, utf8=utf8)
+        return Composed(content, message_id)
+
+    def _from_field(self, utf8: bool) -> mime.Field:
+        field = self._from_fields.get(utf8)
+        if field is None:
+            name, addr = self._from
+            field = self._from_fields[utf8] = mime.address("From", addr, name, utf8=utf8)
+        return field
+
+    def _thread_fields(
+        self, fields: list[mime.Field], thread: ThreadInfo, topic: str, utf8: bool
+    ) -> None:
+        # Ids are plain ASCII (the parser keeps no other); one that is not is dropped
+        # here rather than written in a form a reader could take for something else.
+        refs = [r for r in thread.references if r and mime.is_msg_id(f"<{r}>")][-20:]
+        if thread.message_id and mime.is_msg_id(f"<{thread.message_id}>"):
+            fields.append(mime.msg_ids("In-Reply-To", (f"<{thread.message_id}>",)))
+            if thread.message_id not in refs:
+                refs.append(thread.message_id)
+        if refs:
+            fields.append(mime.msg_ids("References", [f"<{r}>" for r in refs[-20:]]))
+        if thread.thread_index:
+            child = _child_thread_index(thread.thread_index)
+            if child:
+                fields.append(mime.token("Thread-Index", child))
+                topic = clean_text(topic, 200)
+                if topic:  # no subject, no topic: an empty field says nothing
+                    fields.append(mime.unstructured("Thread-Topic", topic, utf8=utf8))
+
+    def write_email_message(
+        self,
+        rendered: RenderedMail,
+        ticket: TicketRef | None,
+        recipient: str,
+        thread: ThreadInfo | None,
+        automatic: bool,
+        kind: MailKind | None = None,
+    ) -> Composed:
+        """The same mail built as an `EmailMessage`: how `customer_mail` worked
+        before `write`. Not used by the daemon; kept as the reference that
+        tests/deliver/test_mime.py compares `write` with and bench/compose.py
+        measures it against."""
         mail_policy = policy_for(recipient)
         msg = EmailMessage(policy=mail_policy)
         msg["From"] = self.config.outbound.from_
@@ -131,12 +240,7 @@ class Composer:
         subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
         msg["Subject"] = clean_text(subject, 900)
         msg["Date"] = format_datetime(_now(), usegmt=True)
-        mark = threadref.PERSON
-        if kind in (MailKind.NOTICE, MailKind.REFUSAL):
-            mark = threadref.NOTICE
-        elif automatic:
-            mark = threadref.AUTOMATIC
-        message_id = self.new_message_id(ticket.number if ticket else None, mark)
+        message_id = self.new_message_id(ticket.number if ticket else None, _mark(kind, automatic))
         msg["Message-ID"] = message_id
         msg[loopmark.HEADER] = self.loop_mark()
         self._thread_headers(msg, thread, ticket.subject if ticket else "")
