@@ -154,6 +154,8 @@ class OutboundConfig(_Section):
     retry_base_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     idle_close_seconds: float = Field(default=20.0, gt=0)
+    # Connections to the relay used side by side.
+    connections: int = Field(default=2, ge=1, le=32)
     bounce_suppress_hours: int = Field(default=72, ge=0)
     rate_limit: RateLimitConfig = RateLimitConfig()
 
@@ -226,6 +228,13 @@ class ProcessingConfig(_Section):
     max_attempts: int = Field(default=5, ge=1)
     retry_seconds: float = Field(default=30.0, gt=0)
     max_hops: int = Field(default=30, ge=5)
+    # 1: classification and delivery run in a worker process of their own (the
+    # second core); 0: in the daemon's own process.
+    workers: int = Field(default=1, ge=0, le=1)
+    batch_size: int = Field(default=64, ge=1, le=1000)
+    lease_seconds: float = Field(default=60.0, ge=10)
+    # Mail queued by another process (the CLI, another instance) is seen this soon.
+    poll_seconds: float = Field(default=0.5, gt=0, le=60)
 
 
 class TemplatesConfig(_Section):

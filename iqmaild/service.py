@@ -1,71 +1,275 @@
-"""The one place that wires the adapters around the core and runs them."""
+"""The one place that wires the stages around the core and runs them.
+
+One instance is a daemon process (SMTP/LMTP intake, the group commit, HTTP)
+and, with ``processing.workers = 1``, a worker process of its own
+(classification, apply, delivery), so intake and processing use both cores.
+The daemon supervises the worker (restarts it when it dies) and wakes it after
+every commit; the worker also polls for due rows, so mail queued by the CLI or
+another instance leaves within a poll interval.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from iqmaild import logs
-from iqmaild.apply.desk import Desk
+from iqmaild.apply.effects import Applier, Settings
+from iqmaild.apply.links import Links
+from iqmaild.apply.tickets import tag_for
 from iqmaild.classify.batch import Classifier
+from iqmaild.clock import Clock, SystemClock
 from iqmaild.config import Config, split_host_port
+from iqmaild.core.addresses import normalize
+from iqmaild.core.facts import PolicyConfig
+from iqmaild.core.ratelimit import Limits
+from iqmaild.core.tag import TagFormat
+from iqmaild.deliver.compose import Composer
 from iqmaild.deliver.outbox import OutboxWorker
+from iqmaild.ingest.panel import PanelRequest, panel_message
 from iqmaild.ingest.smtp import DeskHandler, start_listener
-from iqmaild.persist.store import GroupCommitter, Incoming
+from iqmaild.metrics import Metrics
+from iqmaild.parse.message import ParseContext
+from iqmaild.persist.store import GroupCommitter
 from iqmaild.rendering import Renderer
 from iqmaild.storage import schema
-from iqmaild.storage.db import Database
-from iqmaild.web.app import WebApp, start_http
+from iqmaild.storage.db import Database, InstanceLock
+from iqmaild.storage.models import Message, Ticket
+from iqmaild.web.app import HttpServer, WebApp, start_http
 
 
-def build_desk(config: Config, log: Any | None = None) -> Desk:
+def instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass
+class Parts:
+    """What the stages are built from; used here and by the CLI, never handed on."""
+
+    config: Config
+    clock: Clock
+    log: Any
+    metrics: Metrics
+    db: Database
+    renderer: Renderer
+    tags: TagFormat
+    composer: Composer
+    applier: Applier
+    instance: str
+
+    def classifier(self, on_processed: Callable[[], None] | None = None) -> Classifier:
+        config = self.config
+        return Classifier(
+            self.db,
+            self.clock,
+            self.applier,
+            parse_context(config, self.tags, self.composer.domain),
+            policy_config(config),
+            log=self.log,
+            metrics=self.metrics,
+            instance=self.instance,
+            batch_size=config.processing.batch_size,
+            lease_seconds=config.processing.lease_seconds,
+            max_attempts=config.processing.max_attempts,
+            retry_seconds=config.processing.retry_seconds,
+            on_processed=on_processed,
+        )
+
+    def outbox(self) -> OutboxWorker:
+        return OutboxWorker(
+            self.db,
+            self.config,
+            self.clock,
+            self.log,
+            self.metrics,
+            instance=self.instance,
+            composer=self.composer,
+            connections=self.config.outbound.connections,
+            poll_seconds=self.config.processing.poll_seconds,
+        )
+
+    def links(self) -> Links:
+        return Links(self.db, self.clock, self.applier, self.log, self.metrics)
+
+
+def build(config: Config, log: Any | None = None, clock: Clock | None = None) -> Parts:
+    log = log or logs.get("iqmaild")
+    clock = clock or SystemClock()
+    metrics = Metrics()
+    db = Database(config.database.url, config.database.pool_size)
     override = Path(config.templates.override_dir) if config.templates.override_dir else None
-    return Desk(
-        config=config, renderer=Renderer(override_dir=override), log=log or logs.get("iqmaild")
+    renderer = Renderer(override_dir=override)
+    tags = TagFormat(config.tickets.tag_prefix)
+    composer = Composer(config, renderer, tags, clock)
+    limits = config.outbound.rate_limit
+    settings = Settings(
+        number_start=config.tickets.number_start,
+        link_ttl_hours=config.tickets.link_ttl_hours,
+        public_url=config.http.public_url,
+        default_lang=config.notices.default_lang,
+        staff_address=config.outbound.staff_address,
+        return_path=config.return_path_base,
+        delimiter=config.smtp.recipient_delimiter,
+        desk_addresses=frozenset(config.smtp.desk_addresses),
+        bounce_suppress_hours=config.outbound.bounce_suppress_hours,
+        limits=Limits(
+            per_recipient_10min=limits.per_recipient_10min,
+            per_recipient_day=limits.per_recipient_day,
+            per_ticket_day=limits.per_ticket_day,
+            unknown_sender_domain_hour=limits.unknown_sender_domain_hour,
+            unknown_sender_hour=limits.unknown_sender_hour,
+        ),
+        sequence_numbers=not db.is_sqlite,
+    )
+    applier = Applier(settings, composer, tags, config.key, clock, log, metrics)
+    return Parts(config, clock, log, metrics, db, renderer, tags, composer, applier, instance_id())
+
+
+def parse_context(config: Config, tags: TagFormat, domain: str) -> ParseContext:
+    split = (p.partition(":") for p in config.security.admin_header_patterns)
+    return ParseContext(
+        tags=tags,
+        key=config.key,
+        msgid_domain=domain,
+        trusted_authserv_ids=frozenset(a.lower() for a in config.security.trusted_authserv_ids),
+        wanted_headers=frozenset(name.strip().lower() for name, _, _ in split),
+        return_path=config.return_path_base,
+        delimiter=config.smtp.recipient_delimiter,
+        link_prefix=f"{config.http.public_url}/authorize/",
+    )
+
+
+def policy_config(config: Config) -> PolicyConfig:
+    split = (p.partition(":") for p in config.security.admin_header_patterns)
+    return PolicyConfig(
+        desk_addresses=frozenset(config.smtp.desk_addresses),
+        admin_header_patterns=tuple(
+            (name.strip().lower(), pattern.strip()) for name, _, pattern in split
+        ),
+        admin_senders=frozenset(
+            n for a in config.security.admin_senders if (n := normalize(a)) is not None
+        ),
+        dmarc_enforce=config.security.dmarc_enforce,
+        notify_unknown_senders=config.notices.notify_unknown_senders,
+        max_hops=config.processing.max_hops,
+        delimiter=config.smtp.recipient_delimiter,
+        return_path=config.return_path_base,
     )
 
 
 class Daemon:
-    """Owns every task and server of one instance; ``start``/``stop`` in one loop."""
+    """Owns every task, server and the worker of one instance; ``start``/``stop`` in one loop.
 
-    def __init__(self, config: Config, log: Any | None = None) -> None:
+    ``workers=None`` follows ``processing.workers``; tests pass 0 to keep
+    everything in their own event loop (``drain()`` then runs the stages).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        log: Any | None = None,
+        clock: Clock | None = None,
+        *,
+        workers: int | None = None,
+    ) -> None:
         self.config = config
-        self.log = log or logs.get("iqmaild")
-        self.db = Database(config.database.url, config.database.pool_size)
-        self.desk = build_desk(config, self.log)
-        self.outbox = OutboxWorker(
-            self.db, config, self.log, self.desk.metrics, composer=self.desk.composer
+        self.parts = build(config, log, clock)
+        self.log = self.parts.log
+        self.clock = self.parts.clock
+        self.db = self.parts.db
+        self.metrics = self.parts.metrics
+        self.workers = config.processing.workers if workers is None else workers
+        self.outbox = self.parts.outbox()
+        self.classifier = self.parts.classifier(on_processed=self.outbox.notify)
+        self.committer = GroupCommitter(
+            self.db, self.clock, config.smtp.group_commit_max, self._committed
         )
-        self.classifier = Classifier(self.db, self.desk, on_processed=self.outbox.notify)
-        self.committer = GroupCommitter(self.db, config.smtp.group_commit_max, self._committed)
+        self.worker: Supervisor | None = None
         self.web = WebApp(
-            self.db, self.desk, self._intake_now, self.problems, queued=self.outbox.notify
+            config,
+            self.db,
+            self.parts.renderer,
+            self.parts.links(),
+            self._panel_ticket,
+            log=self.log,
+            metrics=self.metrics,
+            clock=self.clock,
+            problems=self.problems,
+            queued=self._queued,
         )
         self._probe: tuple[float, str | None] = (float("-inf"), None)
+        self.lock = InstanceLock(config.database.url)
         self.tasks: list[asyncio.Task[Any]] = []
         self.smtp_server: asyncio.AbstractServer | None = None
         self.smtp_limits: Any = None
-        self.http_runner: Any = None
+        self.http_runner: HttpServer | None = None
         self.smtp_port = 0
         self.http_port = 0
 
     def _committed(self) -> None:
-        self.classifier.notify()
+        """Intake committed: classification has work."""
+        if self.worker is not None:
+            self.worker.wake()
+        else:
+            self.classifier.notify()
 
-    async def _intake_now(self, item: Incoming) -> int:
+    def _queued(self) -> None:
+        """Something here queued mail (a click, the panel): the sender has work."""
+        if self.worker is not None:
+            self.worker.wake()
+        else:
+            self.outbox.notify()
+
+    async def _panel_ticket(self, request: PanelRequest) -> tuple[int | None, dict[str, Any]]:
         """Store and classify at once: the panel answers with the ticket number."""
+        item = panel_message(
+            request, self.config.smtp.desk_addresses[0], self.parts.composer.domain, self.clock
+        )
         stored = await self.committer.store(item)
-        await self.classifier.process(stored.id)
-        self.outbox.notify()
-        return stored.id
+        await self.classifier.process_one(stored.id)  # a worker may have taken it first
+        self._queued()
+        for _ in range(50):
+            async with self.db.read() as session:
+                number = await session.scalar(
+                    select(Message.ticket_id).where(
+                        Message.id == stored.id, Message.state == "processed"
+                    )
+                )
+                ticket = await session.get(Ticket, number) if number else None
+            if ticket is not None:
+                tag = tag_for(self.parts.tags, self.config.key, ticket, True)
+                return stored.id, {
+                    "number": ticket.number,
+                    "tag": tag,
+                    "authorization": ticket.authorization,
+                }
+            await asyncio.sleep(0.1)
+        return stored.id, {}
 
     async def start(self, *, background: bool = True) -> None:
+        # Before anything touches the database: a second daemon on the same SQLite
+        # file must not take back the first one's claims and then fail to bind.
+        self.lock.acquire()
         asyncio.get_running_loop().set_exception_handler(logs.LoopErrors(self.log))
         await schema.ensure_current(self.db)
-        requeued = await self.outbox.recover()
-        handler = DeskHandler(self.config, self.committer, self.log, self.desk.metrics)
+        if self.db.is_sqlite:
+            # Nobody else can run on this file (the instance lock says so), so every
+            # claim left in it is a dead instance's.
+            requeued = await self.outbox.recover(all_claims=True)
+            await self.classifier.release_claims(everyone=True)
+        else:
+            requeued = await self.outbox.recover()
+        handler = DeskHandler(self.config, self.committer, self.log, self.metrics)
         self.smtp_server, self.smtp_port, self.smtp_limits = await start_listener(
             self.config, handler, self.log
         )
@@ -74,7 +278,11 @@ class Daemon:
             self.web, host, port, self.config.http.max_connections
         )
         self._spawn(self.committer.run(), "group-commit")
-        if background:
+        if background and self.workers:
+            self.worker = Supervisor(self.config, self.log)
+            await self.worker.start()
+            self._spawn(self.worker.run(), "worker")
+        elif background:
             self._spawn(self._classify_loop(), "classify")
             self._spawn(self.outbox.run(), "outbox")
         self.log.info(
@@ -83,6 +291,7 @@ class Daemon:
             http_port=self.http_port,
             protocol=self.config.smtp.protocol,
             requeued_outbox=requeued,
+            worker=bool(self.worker),
         )
 
     def _spawn(self, work: Any, name: str) -> None:
@@ -99,56 +308,39 @@ class Daemon:
         )
 
     async def problems(self) -> list[str]:
-        """What /healthz reports besides the database: stopped tasks, intake that cannot commit.
+        """What /healthz reports besides the database: stopped tasks, intake that cannot
+        commit, stages that keep failing.
 
         Reads alone prove little (a full disk still reads): health says whether
-        intake commits, from intake's own last attempt or, when idle, a probe write.
+        intake commits, from intake's own last attempt or a probe through its path.
         """
         out = [f"task {t.get_name()} stopped" for t in self.tasks if t.done()]
-        loop = asyncio.get_running_loop()
+        now = self.clock.monotonic()
         committer = self.committer
-        idle = committer.last_success is None or loop.time() - committer.last_success > 30
+        idle = committer.last_success is None or now - committer.last_success > 30
         if committer.failed_since is not None or idle:
             when, error = self._probe
             # While intake fails, probe every second: health turns back to ok once
             # the database takes writes again, with or without new mail.
-            if loop.time() - when > (1 if committer.failed_since is not None else 5):
+            if now - when > (1 if committer.failed_since is not None else 5):
                 error = await committer.probe()  # clears failed_since when it commits
-                self._probe = (loop.time(), error)
+                self._probe = (now, error)
             if committer.failed_since is not None:
-                since = loop.time() - committer.failed_since
-                out.append(f"intake cannot commit (for {since:.0f} s)")
+                out.append(f"intake cannot commit (for {now - committer.failed_since:.0f} s)")
             elif error:
                 out.append(f"database does not accept writes: {error}")
+        if self.worker is not None and not self.worker.alive:
+            out.append("worker process is not running")
         for stage, failing in (
             ("classification", self.classifier.failing_since),
             ("outbox", self.outbox.failing_since),
         ):
-            if failing is not None and loop.time() - failing > 10:
-                out.append(f"{stage} has been failing for {loop.time() - failing:.0f} s")
+            if failing is not None and now - failing > 10:
+                out.append(f"{stage} has been failing for {now - failing:.0f} s")
         return out
 
     async def _classify_loop(self) -> None:
-        """Classify what is due; a database outage backs off and never ends the loop."""
-        backoff = 0.5
-        while True:
-            try:
-                handled = await self.classifier.drain()
-                backoff = 0.5
-                self.classifier.failing_since = None
-                if handled:
-                    self.outbox.notify()
-            except Exception as exc:
-                loop_now = asyncio.get_running_loop().time()
-                self.classifier.failing_since = self.classifier.failing_since or loop_now
-                self.log.error("classify.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):  # not wait_for: it can swallow a cancel
-                    await self.classifier.wakeup.wait()
-            self.classifier.wakeup.clear()
+        await classify_loop(self.classifier, self.outbox.notify, self.log, self.clock)
 
     async def drain(self) -> None:
         """Process and send everything due now (tests run without background tasks)."""
@@ -162,10 +354,14 @@ class Daemon:
                 await asyncio.wait_for(self.smtp_server.wait_closed(), timeout=5)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
-        with contextlib.suppress(TimeoutError):  # let the row on the wire be marked sent
+        if self.worker is not None:
+            await self.worker.stop()
+        with contextlib.suppress(TimeoutError):  # let the rows on the wire be marked sent
             await asyncio.wait_for(self.outbox.delivering.acquire(), timeout=10)
         with contextlib.suppress(Exception):  # the rest of our claimed batch goes back
             await self.outbox.release_claims()
+        with contextlib.suppress(Exception):
+            await self.classifier.release_claims()
         for task in reversed(self.tasks):
             task.cancel()
         if self.tasks:  # bounded: a stuck task must not keep the process from exiting
@@ -174,4 +370,91 @@ class Daemon:
                 self.log.error("task.stuck_on_stop", task=task.get_name())
         self.tasks.clear()
         await self.db.dispose()
+        self.lock.release()
         self.log.info("daemon.stopped")
+
+
+async def classify_loop(
+    classifier: Classifier, sent: Callable[[], None], log: Any, clock: Clock, poll: float = 0.5
+) -> None:
+    """Classify what is due; a database outage backs off and never ends the loop."""
+    backoff = 0.5
+    while True:
+        try:
+            handled = await classifier.drain()
+            backoff = 0.5
+            classifier.failing_since = None
+            if handled:
+                sent()
+        except Exception as exc:
+            classifier.failing_since = classifier.failing_since or clock.monotonic()
+            log.error("classify.loop_error", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            continue
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(poll):  # not wait_for: it can swallow a cancel
+                await classifier.wakeup.wait()
+        classifier.wakeup.clear()
+
+
+class Supervisor:
+    """The worker process: started with the validated config on its stdin, woken by a
+    byte per commit, restarted when it dies. Its stdin closing (we died) stops it."""
+
+    def __init__(self, config: Config, log: Any) -> None:
+        self.config = config
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+        self.restarts = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "iqmaild.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=None,  # JSON lines, like ours: journald keeps both
+            stderr=None,
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(self.config.model_dump_json(by_alias=True).encode() + b"\n")
+
+    def wake(self) -> None:
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            proc.stdin.write(b"w")
+
+    async def run(self) -> None:
+        delay = 1.0
+        while not self.stopping:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            if self.stopping:
+                return
+            self.restarts += 1
+            self.log.error("worker.died", returncode=code, restarts=self.restarts)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            await self.start()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()  # the worker finishes what is on the wire and exits
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -2,8 +2,9 @@
 
 The daemon runs in the test's event loop without its background tasks;
 ``drain()`` runs the classifier and the outbox until nothing is due, so tests
-are deterministic. Mail goes in over real SMTP (smtplib, byte-exact), pages
-and the API over real HTTP.
+are deterministic. Its clock is a `FakeClock`: tests of retries, leases,
+expiry and rate limits move it (``advance``) instead of sleeping. Mail goes
+in over real SMTP (smtplib, byte-exact), pages and the API over real HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import email
 import re
 import smtplib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,6 +24,7 @@ import aiohttp
 from sqlalchemy import select
 
 from iqmaild.apply import tickets
+from iqmaild.clock import Clock, FakeClock
 from iqmaild.config import Config, parse_config
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
@@ -119,6 +122,15 @@ class Harness:
     @property
     def db(self) -> Database:
         return self.daemon.db
+
+    @property
+    def clock(self) -> FakeClock:
+        clock = self.daemon.clock
+        assert isinstance(clock, FakeClock)
+        return clock
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
 
     @property
     def base_url(self) -> str:
@@ -241,7 +253,10 @@ def link_in(mail: EmailMessage) -> str:
 
 
 async def start_harness(
-    tmp_path: Path, db_url: str | None = None, **sections: dict[str, Any]
+    tmp_path: Path,
+    db_url: str | None = None,
+    clock: Clock | None = None,
+    **sections: dict[str, Any],
 ) -> Harness:
     relay = CaptureRelay()
     relay_port = await relay.start()
@@ -250,9 +265,9 @@ async def start_harness(
     db = Database(url)
     await schema.upgrade(db)
     async with db.transaction() as session:
-        await import_directory(session, DIRECTORY)
+        await import_directory(session, DIRECTORY, datetime.now(UTC))
     await db.dispose()
-    daemon = Daemon(config)
+    daemon = Daemon(config, clock=clock or FakeClock(datetime.now(UTC)), workers=0)
     await daemon.start(background=False)
     http = aiohttp.ClientSession()
     return Harness(daemon, relay, config, http)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
     assert (await desk.send_raw(_mail(2)))[0] == 250
     for _ in range(10):  # max_attempts = 3 in the harness, retry_seconds tiny
         await desk.drain()
-        await asyncio.sleep(0.05)
+        desk.advance(1)
     async with desk.db.read() as session:
         states = dict((await session.execute(select(Message.id, Message.state))).all())
         dead = await session.scalar(select(Message).where(Message.state == "dead"))
@@ -138,7 +139,7 @@ async def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> Non
     db = Database(data["database"]["url"])
     await schema.upgrade(db)
     async with db.transaction() as session:
-        await import_directory(session, DIRECTORY)
+        await import_directory(session, DIRECTORY, datetime.now(UTC))
     parse_config(data)
 
     log = tmp_path / "serve.log"
@@ -235,7 +236,7 @@ async def test_a_database_outage_is_not_a_processing_attempt(desk: Harness, tmp_
         conn.execute("ALTER TABLE tickets RENAME TO tickets_away")
     for _ in range(desk.config.processing.max_attempts + 2):
         try:
-            await desk.daemon.classifier.process(row.id)
+            await desk.daemon.classifier.process_one(row.id)
         except Exception as exc:  # the loop backs off on these
             assert "no such table" in str(exc)
     async with desk.db.read() as session:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from iqmaild.deliver.capture import CaptureRelay
@@ -45,7 +46,7 @@ async def test_a_connection_flood_neither_stops_the_daemon_nor_floods_the_log(
     db = Database(data["database"]["url"])
     await schema.upgrade(db)
     async with db.transaction() as session:
-        await import_directory(session, DIRECTORY)
+        await import_directory(session, DIRECTORY, datetime.now(UTC))
     await db.dispose()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

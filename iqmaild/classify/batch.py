@@ -1,8 +1,14 @@
-"""The classify stage: stored message -> parsed facts -> verdict -> effects.
+"""The classify stage: claimed messages -> parsed facts -> verdicts -> plans, a batch at a time.
 
-Runs outside the SMTP transaction on messages already committed, so a crash
-between the two loses nothing: unprocessed rows are picked up on start. A
-message that fails again and again is parked as a dead letter.
+Runs on messages already committed, so a crash between intake and here loses
+nothing. Up to ``processing.batch_size`` received messages are claimed with a
+lease (``SKIP LOCKED`` on PostgreSQL, so instances never take the same ones);
+each is parsed once, the batch's tickets, directory entries and returned
+outbox rows are read in a few queries, each message is classified in order
+(a ticket one message reopens or re-codes is seen so by the next), and the
+plans are applied in the same transaction: one commit per batch. A message
+that fails on its own is retried alone and, after ``processing.max_attempts``,
+parked as a dead letter; a database outage is no attempt at all.
 """
 
 from __future__ import annotations
@@ -13,20 +19,21 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import defer
+from sqlalchemy import or_, select, update
 
 from iqmaild.apply import tickets
-from iqmaild.apply.desk import Desk
-from iqmaild.apply.effects import apply_plan
-from iqmaild.core.facts import ReturnedView
+from iqmaild.apply.effects import Applier, Claimed, Planned, Returned
+from iqmaild.apply.tickets import TicketRow
+from iqmaild.clock import Clock
+from iqmaild.core.facts import PolicyConfig, ReturnedView
 from iqmaild.core.plan import plan_of
 from iqmaild.core.policy import Verdict, classify
 from iqmaild.core.vocabulary import Channel, MailKind
-from iqmaild.parse.message import parse_message, unparsable
+from iqmaild.metrics import Metrics
+from iqmaild.parse.message import ParseContext, ParsedMail, parse_message, unparsable
 from iqmaild.storage.db import Database, is_outage
-from iqmaild.storage.directory import primary_of, view_for
-from iqmaild.storage.models import Message, OutboxItem, Ticket, utcnow
+from iqmaild.storage.directory import view_for
+from iqmaild.storage.models import Address, Message, OutboxItem
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,34 @@ class Outcome:
 
 class Classifier:
     def __init__(
-        self, db: Database, desk: Desk, on_processed: Callable[[], None] | None = None
+        self,
+        db: Database,
+        clock: Clock,
+        applier: Applier,
+        context: ParseContext,
+        policy: PolicyConfig,
+        *,
+        log: Any,
+        metrics: Metrics,
+        instance: str,
+        batch_size: int = 64,
+        lease_seconds: float = 300.0,
+        max_attempts: int = 5,
+        retry_seconds: float = 30.0,
+        on_processed: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
-        self.desk = desk
+        self.clock = clock
+        self.applier = applier
+        self.context = context
+        self.policy = policy
+        self.log = log
+        self.metrics = metrics
+        self.instance = instance
+        self.batch_size = batch_size
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds
         self.wakeup = asyncio.Event()
         self.on_processed = on_processed  # wakes the outbox after every commit
         self.failing_since: float | None = None  # for /healthz: the loop's errors
@@ -52,39 +83,85 @@ class Classifier:
     async def drain(self) -> int:
         """Process every message that is due; returns how many were handled."""
         handled = 0
-        while True:
-            async with self.db.read() as session:
-                ids = list(
-                    await session.scalars(
-                        select(Message.id)
-                        .where(
-                            Message.state == "received",
-                            or_(
-                                Message.next_attempt_at.is_(None),
-                                Message.next_attempt_at <= utcnow(),
-                            ),
-                        )
-                        .order_by(Message.id)
-                        .limit(100)
-                    )
-                )
-            if not ids:
-                return handled
-            for message_id in ids:
-                await self.process(message_id)
-                handled += 1
+        while claimed := await self.claim(self.batch_size):
+            handled += len(await self.process(claimed))
+        return handled
 
-    async def process(self, message_id: int) -> Outcome | None:
+    async def claim(self, limit: int, ids: list[int] | None = None) -> list[Claimed]:
+        """Up to ``limit`` due messages (or exactly ``ids``), leased to this instance."""
+        now = self.clock.now()
+        due = (
+            select(Message.id)
+            .where(Message.state == "received")
+            .where(or_(Message.next_attempt_at.is_(None), Message.next_attempt_at <= now))
+            # Unclaimed, a lease that ran out (its instance died), or our own claim
+            # that an outage kept us from finishing.
+            .where(
+                or_(
+                    Message.claimed_until.is_(None),
+                    Message.claimed_until < now,
+                    Message.claimed_by == self.instance,
+                )
+            )
+            .order_by(Message.id)
+            .limit(limit)
+        )
+        if ids is not None:
+            due = due.where(Message.id.in_(ids))
+        if not self.db.is_sqlite:
+            due = due.with_for_update(skip_locked=True)
+        async with self.db.transaction(priority="background") as session:
+            rows = await session.execute(
+                update(Message)
+                .where(Message.id.in_(due.scalar_subquery()))
+                .values(claimed_by=self.instance, claimed_until=now + self.lease)
+                .returning(
+                    Message.id,
+                    Message.raw,
+                    Message.mail_from,
+                    Message.rcpt_to,
+                    Message.channel,
+                    Message.account_id,
+                    Message.headers,
+                    Message.message_id,
+                    Message.attempts,
+                )
+            )
+            claimed = [Claimed(*row) for row in rows]
+        return sorted(claimed, key=lambda c: c.id)
+
+    async def release_claims(self, *, everyone: bool = False) -> int:
+        """Hand back claimed, unprocessed messages: ours on a graceful stop; everyone's
+        where no other instance can be running (SQLite, under the instance lock)."""
+        query = update(Message).where(Message.state == "received", Message.claimed_by.is_not(None))
+        if not everyone:
+            query = query.where(Message.claimed_by == self.instance)
+        async with self.db.transaction(priority="background") as session:
+            result = await session.execute(query.values(claimed_by=None, claimed_until=None))
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def process(self, claimed: list[Claimed]) -> list[Outcome]:
+        """Classify and apply a claimed batch; one that fails is retried one by one."""
+        # One hand-off for the whole batch: a pathological message must not stall
+        # the event loop (SMTP, HTTP) while it is parsed.
+        parsed = await asyncio.to_thread(lambda: [self._parse(c) for c in claimed])
         try:
-            outcome = await self._process(message_id)
-        except Exception as exc:  # one poison message must not block the rest
-            await self._failed(message_id, exc)
-            return None
-        if outcome is not None:
+            outcomes = await self._batch(list(zip(claimed, parsed, strict=True)))
+        except Exception as exc:
+            if is_outage(exc) or len(claimed) == 1:
+                await self._failed(claimed, exc)
+                return []
+            outcomes = []
+            for one, facts in zip(claimed, parsed, strict=True):
+                try:
+                    outcomes += await self._batch([(one, facts)])
+                except Exception as single:
+                    await self._failed([one], single)
+        for outcome in outcomes:
             v = outcome.verdict
-            self.desk.log.info(
+            self.log.info(
                 "message.classified",
-                message=message_id,
+                message=outcome.message_id,
                 ticket=outcome.ticket,
                 decision=v.decision.value,
                 reasons=[r.value for r in v.reasons],
@@ -92,129 +169,177 @@ class Classifier:
                 rules=list(v.rules_hit),
                 account=v.account_id,
             )
-            self.desk.metrics.inc("messages_classified_total", decision=v.decision.value)
-            if self.on_processed is not None:
-                self.on_processed()
-        return outcome
+            self.metrics.inc("messages_classified_total", decision=v.decision.value)
+        if outcomes and self.on_processed is not None:
+            self.on_processed()
+        return outcomes
 
-    async def _process(self, message_id: int) -> Outcome | None:
-        async with self.db.read() as session:
-            row = await session.get(Message, message_id)
-            if row is None or row.state != "received":
-                return None
-            raw, mail_from, channel = row.raw, row.mail_from, Channel(row.channel)
-            rcpt_to = list(row.rcpt_to or [])
-            stored_id = row.message_id
-            panel_account, panel_service = row.account_id, (row.headers or {}).get("panel_service")
+    async def process_one(self, message_id: int) -> Outcome | None:
+        """Claim and process one message now (the panel answers with its ticket)."""
+        claimed = await self.claim(1, ids=[message_id])
+        if not claimed:
+            return None
+        outcomes = await self.process(claimed)
+        return outcomes[0] if outcomes else None
+
+    def _parse(self, claimed: Claimed) -> ParsedMail:
+        channel = Channel(claimed.channel)
         try:
-            # In a thread: a pathological message must not stall SMTP and HTTP.
-            parsed = await asyncio.to_thread(
-                parse_message,
-                raw,
-                mail_from=mail_from,
-                rcpt_to=rcpt_to,
-                ctx=self.desk.parse_context,
+            parsed = parse_message(
+                claimed.raw,
+                mail_from=claimed.mail_from,
+                rcpt_to=claimed.rcpt_to,
+                ctx=self.context,
                 channel=channel,
             )
         except Exception as exc:  # e.g. RecursionError on absurd MIME nesting
-            self.desk.log.warning(
-                "message.unparsable", message=message_id, error=type(exc).__name__
-            )
-            parsed = unparsable(raw, channel=channel, error=exc)
+            self.log.warning("message.unparsable", message=claimed.id, error=type(exc).__name__)
+            parsed = unparsable(claimed.raw, channel=channel, error=exc)
         if channel is Channel.PANEL:
             facts = replace(
-                parsed.facts, panel_account_id=panel_account, panel_service_id=panel_service or None
+                parsed.facts,
+                panel_account_id=claimed.account_id,
+                panel_service_id=(claimed.headers or {}).get("panel_service") or None,
             )
             parsed = replace(parsed, facts=facts)
+        return parsed
+
+    async def _batch(self, work: list[tuple[Claimed, ParsedMail]]) -> list[Outcome]:
         async with self.db.transaction(priority="background") as session:
-            # Its raw bytes are in hand already: not a second copy of a 20 MB message.
-            message = await session.get(
-                Message, message_id, with_for_update=True, options=[defer(Message.raw)]
-            )
-            if message is None or message.state != "received":
-                return None
-            facts = parsed.facts
-            seen = stored_id and await self._seen_fewer_hops(session, message_id, stored_id, facts)
-            if seen:
-                facts = replace(facts, seen_before=True)
-            returned = ticket = None
-            if facts.returned_outbox_id is not None:
-                returned = await session.get(OutboxItem, facts.returned_outbox_id)
-                if returned is not None and returned.ticket_id is not None:
-                    ticket = await session.get(Ticket, returned.ticket_id)
-            else:
-                number = facts.tag.number if facts.tag else facts.thread_ticket
-                ticket = await tickets.by_number(session, number) if number else None
-            primary = None
-            if ticket is not None and ticket.account_id:
-                primary = await primary_of(session, ticket.account_id)
-            emails = [*facts.from_addresses, *facts.recipients]
-            emails += [e for e in (ticket.requester if ticket else None, primary) if e]
-            directory = await view_for(session, emails)
-            view = tickets.view_of(self.desk.key, ticket, primary) if ticket else None
-            returned_view = (
-                ReturnedView(MailKind(returned.kind), returned.reported_at is not None)
-                if returned is not None
-                else None
-            )
-            verdict = classify(facts, directory, view, self.desk.policy, returned_view)
-            plan = plan_of(verdict, facts.returned_outbox_id)
-            ticket = await apply_plan(
-                session,
-                self.desk,
-                plan,
-                message=message,
-                raw=raw,
-                parsed=parsed,
-                ticket=ticket,
-                returned=returned,
-            )
-            return Outcome(message_id, ticket.number if ticket else None, verdict)
+            context = await _Context.load(session, work, lock=not self.db.is_sqlite)
+            planned: list[Planned] = []
+            for claimed, parsed in work:
+                facts = parsed.facts
+                if context.seen_with_fewer_hops(claimed, facts.hops):
+                    facts = replace(facts, seen_before=True)
+                returned = context.returned.get(facts.returned_outbox_id or 0)
+                row = context.ticket_for(facts, returned)
+                view = tickets.view_of(self.context.key, row, context.primary(row)) if row else None
+                returned_view = (
+                    ReturnedView(MailKind(returned.kind), returned.reported_at is not None)
+                    if returned is not None
+                    else None
+                )
+                verdict = classify(facts, context.directory, view, self.policy, returned_view)
+                entry = Planned(
+                    claimed, parsed, plan_of(verdict, facts.returned_outbox_id), row, returned
+                )
+                self.applier.advance(entry)
+                if entry.plan.staff_copy and returned is not None:
+                    returned.reported_at = self.clock.now()  # copied once per row, also in a batch
+                planned.append(entry)
+            await self.applier.execute(session, planned, self.instance)
+        return [
+            Outcome(p.message.id, p.ticket.number if p.ticket else None, p.plan.verdict)
+            for p in planned
+        ]
 
-    async def _seen_fewer_hops(
-        self, session: Any, message_id: int, stored_id: str, facts: Any
-    ) -> bool:
-        """This Message-ID was processed before and now comes back through more hops:
-        our staff copy returned by a forwarder that stripped our marks (a loop)."""
-        earlier = await session.scalars(
-            select(Message.headers)
-            .where(Message.message_id == stored_id, Message.id < message_id)
-            .where(Message.state == "processed")
-            .limit(5)
-        )
-        for headers in earlier:
-            hops = (headers or {}).get("hops")
-            if hops is not None and str(hops).isdigit() and int(hops) < facts.hops:
-                return True
-        return False
-
-    async def _failed(self, message_id: int, exc: Exception) -> None:
+    async def _failed(self, claimed: list[Claimed], exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000].replace("\x00", "\\x00")
         if is_outage(exc):
             # The database, not the message: no attempt is counted (a long outage
             # must not park good mail as dead letters); the loop backs off.
-            self.desk.log.error(
-                "message.deferred", message=message_id, error=f"{type(exc).__name__}"[:300]
-            )
+            self.log.error("message.deferred", messages=[c.id for c in claimed][:20])
             raise exc
-        limit = self.desk.config.processing.max_attempts
-        try:
+        now = self.clock.now()
+        for one in claimed:
+            attempts = one.attempts + 1
+            dead = attempts >= self.max_attempts
+            values: dict[str, Any] = {
+                "attempts": attempts,
+                "last_error": error,
+                "claimed_by": None,
+                "claimed_until": None,
+            }
+            if dead:
+                values["state"] = "dead"
+            else:
+                values["next_attempt_at"] = now + timedelta(seconds=self.retry_seconds * attempts)
             async with self.db.transaction() as session:
-                message = await session.get(Message, message_id)
-                if message is None:
-                    return
-                message.attempts += 1
-                message.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-                if message.attempts >= limit:
-                    message.state = "dead"
-                else:
-                    delay = self.desk.config.processing.retry_seconds * message.attempts
-                    message.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                attempts, state = message.attempts, message.state
-        except Exception as db_exc:
-            self.desk.log.error("message.failed", message=message_id, error=repr(db_exc)[:300])
-            raise  # the database is down: the caller backs off instead of spinning
-        event = "message.dead_letter" if state == "dead" else "message.failed"
-        self.desk.log.error(
-            event, message=message_id, attempts=attempts, error=f"{type(exc).__name__}: {exc}"[:500]
-        )
-        self.desk.metrics.inc("messages_failed_total", state=state)
+                await session.execute(update(Message).where(Message.id == one.id).values(values))
+            event = "message.dead_letter" if dead else "message.failed"
+            self.log.error(event, message=one.id, attempts=attempts, error=error[:500])
+            self.metrics.inc("messages_failed_total", state="dead" if dead else "received")
+
+
+class _Context:
+    """What a batch's messages refer to, read in a few queries."""
+
+    def __init__(self) -> None:
+        self.by_number: dict[int, TicketRow] = {}
+        self.by_id: dict[int, TicketRow] = {}
+        self.primaries: dict[str, str] = {}
+        self.returned: dict[int, Returned] = {}
+        self.directory: Any = None
+        self.earlier: dict[str, list[int]] = {}  # Message-ID -> hops of processed messages
+
+    @classmethod
+    async def load(
+        cls, session: Any, work: list[tuple[Claimed, ParsedMail]], *, lock: bool
+    ) -> _Context:
+        ctx = cls()
+        facts = [p.facts for _, p in work]
+        returned_ids = {f.returned_outbox_id for f in facts if f.returned_outbox_id}
+        if returned_ids:
+            rows = await session.execute(
+                select(
+                    OutboxItem.id,
+                    OutboxItem.kind,
+                    OutboxItem.ticket_id,
+                    OutboxItem.recipient,
+                    OutboxItem.reported_at,
+                ).where(OutboxItem.id.in_(returned_ids))
+            )
+            ctx.returned = {row[0]: Returned(*row) for row in rows}
+        numbers = {
+            n
+            for f in facts
+            if not f.returned_outbox_id
+            for n in [f.tag.number if f.tag else f.thread_ticket]
+            if n
+        }
+        ids = {r.ticket_id for r in ctx.returned.values() if r.ticket_id}
+        for row in await tickets.load(session, numbers=numbers, ids=ids, lock=lock):
+            ctx.by_id[row.id or 0] = row
+            if row.number is not None:
+                ctx.by_number[row.number] = row
+        accounts = {r.account_id for r in ctx.by_id.values() if r.account_id}
+        if accounts:
+            rows = await session.execute(
+                select(Address.account_id, Address.email).where(
+                    Address.account_id.in_(accounts), Address.role == "primary"
+                )
+            )
+            ctx.primaries = {account: email for account, email in rows}
+        emails = {e for f in facts for e in (*f.from_addresses, *f.recipients)}
+        emails |= {r.requester for r in ctx.by_id.values() if r.requester}
+        emails |= set(ctx.primaries.values())
+        ctx.directory = await view_for(session, emails)
+        message_ids = {c.message_id for c, _ in work if c.message_id}
+        if message_ids:
+            rows = await session.execute(
+                select(Message.message_id, Message.headers).where(
+                    Message.message_id.in_(message_ids),
+                    Message.state == "processed",
+                    Message.id < max(c.id for c, _ in work),
+                )
+            )
+            for message_id, headers in rows:
+                hops = str((headers or {}).get("hops", ""))
+                if hops.isdigit():
+                    ctx.earlier.setdefault(message_id, []).append(int(hops))
+        return ctx
+
+    def ticket_for(self, facts: Any, returned: Returned | None) -> TicketRow | None:
+        if facts.returned_outbox_id is not None:
+            return self.by_id.get(returned.ticket_id or 0) if returned else None
+        number = facts.tag.number if facts.tag else facts.thread_ticket
+        return self.by_number.get(number) if number else None
+
+    def primary(self, row: TicketRow) -> str | None:
+        return self.primaries.get(row.account_id or "")
+
+    def seen_with_fewer_hops(self, claimed: Claimed, hops: int) -> bool:
+        """This Message-ID was processed before and now comes back through more hops:
+        our staff copy returned by a forwarder that stripped our marks (a loop)."""
+        return any(earlier < hops for earlier in self.earlier.get(claimed.message_id, ()))

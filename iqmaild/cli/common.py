@@ -13,12 +13,16 @@ from typing import Any, TypeVar
 
 import click
 
+from iqmaild.clock import SystemClock
 from iqmaild.config import Config, ConfigError, load_config
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import DirectoryError
 
 T = TypeVar("T")
+
+# The CLI is a wiring point of its own: its one clock.
+CLOCK = SystemClock()
 
 
 class Fail(click.ClickException):

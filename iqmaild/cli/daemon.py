@@ -13,7 +13,7 @@ from iqmaild import logs
 from iqmaild.cli import main
 from iqmaild.cli.common import Fail, config_of
 from iqmaild.storage import schema
-from iqmaild.storage.db import Database
+from iqmaild.storage.db import Database, InstanceRunning
 
 
 def _raise_fd_limit() -> None:
@@ -81,7 +81,7 @@ def serve(ctx: click.Context) -> None:
 
     try:
         asyncio.run(main_loop())
-    except schema.SchemaOutdated as exc:
+    except (schema.SchemaOutdated, InstanceRunning) as exc:
         raise Fail(str(exc)) from None
     except OSError as exc:
         raise Fail(f"cannot start: {exc}") from None

@@ -21,7 +21,7 @@ import click
 
 from iqmaild import logs
 from iqmaild.cli import main
-from iqmaild.cli.common import Fail
+from iqmaild.cli.common import CLOCK, Fail
 from iqmaild.config import load_config
 
 DEMO_DIRECTORY = {
@@ -144,7 +144,7 @@ def demo(
         db = Database(config.database.url)
         await schema.upgrade(db)
         async with db.transaction() as session:
-            await import_directory(session, DEMO_DIRECTORY)
+            await import_directory(session, DEMO_DIRECTORY, CLOCK.now())
         await db.dispose()
         (directory / "directory.json").write_text(
             json.dumps(DEMO_DIRECTORY, indent=2, ensure_ascii=False), "utf-8"

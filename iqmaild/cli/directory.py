@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from iqmaild.cli import main
-from iqmaild.cli.common import Fail, emit, run_job
+from iqmaild.cli.common import CLOCK, Fail, emit, run_job
 from iqmaild.storage import directory as d
 
 
@@ -30,7 +30,7 @@ def account_add(
 
     async def work(config, db):  # type: ignore[no-untyped-def]
         async with db.transaction() as session:
-            await d.upsert_account(session, account_id, primary, name, lang)
+            await d.upsert_account(session, account_id, primary, name, lang, now=CLOCK.now())
 
     run_job(ctx, work)
     click.echo(f"account {account_id}: primary {primary}")
@@ -163,7 +163,7 @@ def directory_import(ctx: click.Context, file: Path) -> None:
 
     async def work(config, db):  # type: ignore[no-untyped-def]
         async with db.transaction() as session:
-            return await d.import_directory(session, data)
+            return await d.import_directory(session, data, CLOCK.now())
 
     counts = run_job(ctx, work)
     click.echo("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -8,17 +8,29 @@ from typing import Any
 import click
 from sqlalchemy import func, select, update
 
-from iqmaild.apply import effects as act
 from iqmaild.apply import tickets
+from iqmaild.apply.effects import Writes, audit_row
 from iqmaild.cli import main
-from iqmaild.cli.common import Fail, emit, run_job
+from iqmaild.cli.common import CLOCK, Fail, emit, run_job
 from iqmaild.core.mail import AuthRequest, MailIntent, StaffReply
 from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind, TicketState
 from iqmaild.deliver.compose import ThreadInfo
 from iqmaild.parse.message import body_preview
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import AuthToken, Message, OutboxItem, Service, Ticket, utcnow
+from iqmaild.storage.models import AuditEvent, AuthToken, Message, OutboxItem, Service, Ticket
+
+
+def _applier(config: Any) -> Any:
+    from iqmaild.service import build
+
+    return build(config, clock=CLOCK).applier
+
+
+def _audit(session: Any, event: str, ticket: Ticket, **data: Any) -> None:
+    session.add(
+        AuditEvent(**audit_row(event, CLOCK.now(), ticket_id=ticket.id, actor="cli", **data))
+    )
 
 
 def _ticket_row(t: Ticket) -> dict[str, Any]:
@@ -120,9 +132,9 @@ def _set_state(state: TicketState):  # type: ignore[no-untyped-def]
         async def work(config, db):  # type: ignore[no-untyped-def]
             async with db.transaction() as session:
                 t = await _ticket(session, number)
-                changed = tickets.set_state(t, state)
+                changed = tickets.set_state(t, state, CLOCK.now())
                 if changed:
-                    act.audit(session, f"ticket.{state.value}", ticket=t, actor="cli")
+                    _audit(session, f"ticket.{state.value}", t)
                 return changed
 
         changed = run_job(ctx, work)
@@ -152,8 +164,9 @@ def ticket_set_service(ctx: click.Context, number: int, service_id: str) -> None
                 raise LookupError(f"no service {service_id}")
             if t.account_id and service.account_id != t.account_id:
                 raise LookupError(f"service {service_id} is not of account {t.account_id}")
-            t.account_id, t.service_id, t.updated_at = service.account_id, service.id, utcnow()
-            act.audit(session, "ticket.service_set", ticket=t, actor="cli", service=service_id)
+            t.account_id, t.service_id = service.account_id, service.id
+            t.updated_at = CLOCK.now()
+            _audit(session, "ticket.service_set", t, service=service_id)
 
     run_job(ctx, work)
     click.echo(f"ticket {number}: service {service_id}")
@@ -176,9 +189,7 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
         raise Fail(f"{body_file}: {exc}") from None
 
     async def work(config, db):  # type: ignore[no-untyped-def]
-        from iqmaild.service import build_desk
-
-        desk = build_desk(config)
+        applier = _applier(config)
         async with db.transaction() as session:
             t = await _ticket(session, number)
             if not t.requester:
@@ -199,8 +210,12 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
             ids = message_ids(last.message_id) if last else []
             thread = ThreadInfo(ids[0] if ids else "", (), None)
             intent = MailIntent(MailKind.STAFF_REPLY, t.requester, may_see_code, StaffReply(body))
-            await act.customer_mail(session, desk, intent, ticket=t, thread=thread, message=last)
-            act.audit(session, "ticket.replied", ticket=t, actor="cli", chars=len(body))
+            writes = Writes()
+            applier.queue_customer(
+                writes, intent, t, thread, last.id if last else None, t.lang, CLOCK.now()
+            )
+            await applier.write(session, writes)
+            _audit(session, "ticket.replied", t, chars=len(body))
             return t.requester
 
     recipient = run_job(ctx, work)
@@ -209,9 +224,7 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
 
 async def reissue_link(config: Any, db: Any, number: int) -> str:
     """A new link for a ticket still waiting for its owner; every earlier one is spent."""
-    from iqmaild.service import build_desk
-
-    desk = build_desk(config)
+    applier = _applier(config)
     async with db.transaction() as session:
         t = await _ticket(session, number)
         if t.authorization == "authorized":
@@ -224,7 +237,7 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
         await session.execute(
             update(AuthToken)
             .where(AuthToken.ticket_id == t.id, AuthToken.used_at.is_(None))
-            .values(used_at=utcnow())
+            .values(used_at=CLOCK.now())
         )
         last = await session.scalar(
             select(Message)
@@ -236,10 +249,12 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
         intent = MailIntent(MailKind.AUTH_REQUEST, t.requester, False, AuthRequest())
         thread = ThreadInfo(ids[0] if ids else "", (), None)
         # An operator's decision: no rate limit stands in its way.
-        await act.issue_link(
-            session, desk, intent, ticket=t, thread=thread, message=last, check_limits=False
+        writes = Writes()
+        applier.queue_customer(
+            writes, intent, t, thread, last.id if last else None, t.lang, CLOCK.now()
         )
-        act.audit(session, "authlink.reissued", ticket=t, actor="cli")
+        await applier.write(session, writes)
+        _audit(session, "authlink.reissued", t)
         return t.requester
 
 
@@ -309,7 +324,7 @@ def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
             if ids:
                 query = query.where(OutboxItem.id.in_(ids))
             result = await session.execute(
-                query.values(state="queued", next_attempt_at=utcnow(), attempts=0)
+                query.values(state="queued", next_attempt_at=CLOCK.now(), attempts=0)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-import time
 from dataclasses import dataclass
+from datetime import datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
 
+from iqmaild.clock import Clock, SystemClock
 from iqmaild.config import Config
 from iqmaild.core import loopmark, threadref
 from iqmaild.core.tag import TagFormat
@@ -91,7 +92,7 @@ def _mark(kind: MailKind | None, automatic: bool) -> str:
     return threadref.AUTOMATIC if automatic else threadref.PERSON
 
 
-def _child_thread_index(parent: str) -> str | None:
+def _child_thread_index(parent: str, now: datetime) -> str | None:
     """Outlook's Thread-Index of a reply: the parent's bytes plus a 5-byte child block."""
     try:
         data = base64.b64decode(parent, validate=True)
@@ -99,12 +100,15 @@ def _child_thread_index(parent: str) -> str | None:
         return None
     if len(data) < 22:
         return None
-    delta = int(time.time() * 10_000_000) & 0xFF_FFFF_FFFF
+    delta = int(now.timestamp() * 10_000_000) & 0xFF_FFFF_FFFF
     return base64.b64encode(data + delta.to_bytes(5, "big")).decode("ascii")
 
 
 class Composer:
-    def __init__(self, config: Config, renderer: Renderer, tags: TagFormat) -> None:
+    def __init__(
+        self, config: Config, renderer: Renderer, tags: TagFormat, clock: Clock | None = None
+    ) -> None:
+        self.clock = clock or SystemClock()
         self.config = config
         self.renderer = renderer
         self.tags = tags
@@ -182,7 +186,7 @@ class Composer:
             self._from_field(utf8),
             mime.address("To", recipient, utf8=utf8),
             mime.unstructured("Subject", clean_text(subject, 900), utf8=utf8),
-            mime.date("Date", _now()),
+            mime.date("Date", self.clock.now()),
             mime.msg_ids("Message-ID", (message_id,)),
             mime.token(loopmark.HEADER, self.loop_mark()),
         ]
@@ -213,7 +217,7 @@ class Composer:
         if refs:
             fields.append(mime.msg_ids("References", [f"<{r}>" for r in refs[-20:]]))
         if thread.thread_index:
-            child = _child_thread_index(thread.thread_index)
+            child = _child_thread_index(thread.thread_index, self.clock.now())
             if child:
                 fields.append(mime.token("Thread-Index", child))
                 topic = clean_text(topic, 200)
@@ -239,7 +243,7 @@ class Composer:
         msg["To"] = address_header(recipient)
         subject = f"Re: {ticket.tag} {rendered.subject}" if ticket else rendered.subject
         msg["Subject"] = clean_text(subject, 900)
-        msg["Date"] = format_datetime(_now(), usegmt=True)
+        msg["Date"] = format_datetime(self.clock.now(), usegmt=True)
         message_id = self.new_message_id(ticket.number if ticket else None, _mark(kind, automatic))
         msg["Message-ID"] = message_id
         msg[loopmark.HEADER] = self.loop_mark()
@@ -265,7 +269,7 @@ class Composer:
         if refs:
             msg["References"] = " ".join(f"<{r}>" for r in refs[-20:])
         if thread.thread_index:
-            child = _child_thread_index(thread.thread_index)
+            child = _child_thread_index(thread.thread_index, self.clock.now())
             if child:
                 msg["Thread-Index"] = child
                 msg["Thread-Topic"] = clean_text(topic, 200)
@@ -376,9 +380,3 @@ def _header_safe(value: str) -> str:
 
 def safe_token(value: str) -> str:
     return _SAFE_TOKEN.sub("_", value)[:64]
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)

@@ -1,10 +1,11 @@
 """Durable intake with group commit: many messages, one commit, each 250 after it.
 
-In the prototypes one commit per message kept 0.41x of a bare aiosmtpd
-server's rate and group commit 0.87x; this implementation measures 0.15x and
-0.56x (BENCHMARKS.md, bench/ingest). Duplicates (the MTA retrying after a lost
-250, an IMAP re-fetch) are recognised by Message-ID plus SHA-256 of the raw
-bytes and stored once; a different message reusing a Message-ID is kept.
+Concurrent deliveries share one transaction (one multi-row INSERT); each
+session's 250 waits for that commit. A delivery repeated by the MTA (a lost
+250), by IMAP or by another instance is stored once: (SHA-256 of the raw bytes,
+Message-ID) is a unique index and the INSERT skips what is there; a different
+message reusing a Message-ID is kept. One bad message never fails its group:
+the group is retried one message at a time.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 
+from iqmaild.clock import Clock
 from iqmaild.storage.db import Database, is_outage
-from iqmaild.storage.models import Message, utcnow
+from iqmaild.storage.models import MESSAGE_ID_LIMIT, Message
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER_MSGID = re.compile(
-    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+    rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
 )
 
 
@@ -50,7 +53,7 @@ class Incoming:
         # A key for duplicate detection, safe on every back end (PostgreSQL refuses
         # NUL in text): controls and 8-bit become visible escapes.
         text = match.group(1).decode("ascii", "backslashreplace").strip()
-        return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:500]
+        return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:MESSAGE_ID_LIMIT]
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,11 @@ class Stored:
 class GroupCommitter:
     """Batches concurrent `store` calls into one transaction."""
 
-    def __init__(self, db: Database, max_batch: int, on_commit: Callable[[], None]) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, max_batch: int, on_commit: Callable[[], None]
+    ) -> None:
         self.db = db
+        self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
         self.queue: asyncio.Queue[tuple[Incoming, asyncio.Future[Stored]]] = asyncio.Queue()
@@ -111,7 +117,8 @@ class GroupCommitter:
         try:
             async with self.db.transaction(priority="intake") as session:
                 result = await session.execute(
-                    insert(Message).returning(Message.id), [_row(item, ("probe", ""))]
+                    insert(Message).returning(Message.id),
+                    [_row(item, ("probe", ""), self.clock.now())],
                 )
                 await session.execute(delete(Message).where(Message.id == result.scalar_one()))
         except Exception as exc:
@@ -120,50 +127,53 @@ class GroupCommitter:
         return None
 
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
-        self.last_attempt = time.monotonic()
+        self.last_attempt = self.clock.monotonic()
         try:
             stored = await self._insert(items)
         except Exception as exc:
             if is_outage(exc):  # one bad message is not the database failing
-                self.failed_since = self.failed_since or time.monotonic()
+                self.failed_since = self.failed_since or self.clock.monotonic()
             raise
         self.failed_since = None
-        self.last_success = time.monotonic()
+        self.last_success = self.clock.monotonic()
         return stored
 
     async def _insert(self, items: list[Incoming]) -> list[Stored]:
         keys = [(item.sha256, item.message_id) for item in items]  # hash once per item
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        now = self.clock.now()
+        for item, key in zip(items, keys, strict=True):
+            rows.setdefault(key, _row(item, key, now))
+        fresh: dict[tuple[str, str], int] = {}
         async with self.db.transaction(priority="intake") as session:
-            existing: dict[tuple[str, str], int] = {}
-            rows = await session.execute(
-                select(Message.raw_sha256, Message.message_id, Message.id).where(
-                    Message.raw_sha256.in_({sha for sha, _ in keys})
-                )
+            dialect = postgresql if not self.db.is_sqlite else sqlite
+            statement = (
+                dialect.insert(Message)
+                .on_conflict_do_nothing(index_elements=["raw_sha256", "message_id"])
+                .returning(Message.id, Message.raw_sha256, Message.message_id)
             )
-            for sha, stored_id, row_id in rows:
-                existing.setdefault((sha, stored_id), row_id)
-            new: dict[tuple[str, str], dict[str, object]] = {}
-            for item, key in zip(items, keys, strict=True):
-                if key not in existing and key not in new:
-                    new[key] = _row(item, key)
-            if new:
-                # One multi-row INSERT ... RETURNING: the ORM's per-object work
-                # was most of the intake cost.
-                result = await session.execute(
-                    insert(Message).returning(Message.id, Message.raw_sha256, Message.message_id),
-                    list(new.values()),
+            result = await session.execute(statement, list(rows.values()))
+            for row_id, sha, message_id in result:
+                fresh[(sha, message_id)] = row_id
+            known = dict(fresh)
+            missing = [key for key in rows if key not in fresh]
+            if missing:  # stored before (a repeated delivery): find what it got
+                found = await session.execute(
+                    select(Message.raw_sha256, Message.message_id, Message.id).where(
+                        tuple_(Message.raw_sha256, Message.message_id).in_(missing)
+                    )
                 )
-                for row_id, sha, stored_id in result:
-                    existing[(sha, stored_id)] = row_id
-        fresh = set(new)  # the first of identical deliveries in a batch is the new one
+                for sha, message_id, row_id in found:
+                    known[(sha, message_id)] = row_id
         out: list[Stored] = []
+        new = set(fresh)  # the first of identical deliveries in a group is the new one
         for key in keys:
-            out.append(Stored(existing[key], duplicate=key not in fresh))
-            fresh.discard(key)
+            out.append(Stored(known[key], duplicate=key not in new))
+            new.discard(key)
         return out
 
 
-def _row(item: Incoming, key: tuple[str, str]) -> dict[str, object]:
+def _row(item: Incoming, key: tuple[str, str], now: Any) -> dict[str, Any]:
     return {
         "channel": item.channel,
         "mail_from": item.mail_from,
@@ -175,7 +185,7 @@ def _row(item: Incoming, key: tuple[str, str]) -> dict[str, object]:
         "account_id": item.account_id,
         "headers": dict(item.extra),
         "state": "received",
-        "received_at": utcnow(),
+        "received_at": now,
         "attempts": 0,
         "subject": "",
         "defects": [],

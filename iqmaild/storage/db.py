@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -88,6 +89,41 @@ def _private_sqlite_file(url: str) -> None:
             os.chmod(path, FILE_MODE)
     except OSError:
         pass  # SQLite reports the real problem with a better message
+
+
+class InstanceRunning(Exception):
+    """Another daemon runs on this SQLite file."""
+
+
+class InstanceLock:
+    """One daemon per SQLite file: an exclusive lock on ``<file>.lock``, taken before
+    anything touches the database and held until the process ends. (PostgreSQL is
+    where several instances share a database; there this is a no-op.)"""
+
+    def __init__(self, url: str) -> None:
+        database = make_url(url).database if url.startswith("sqlite") else None
+        self.path = Path(f"{database}.lock") if database and database != ":memory:" else None
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.path is None or self.fd is not None:
+            return
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InstanceRunning(
+                f"another iqmaild serve is running on this database ({self.path} is locked)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Database:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -73,11 +74,13 @@ async def upsert_account(
     primary: str,
     name: str | None = None,
     lang: str | None = None,
+    *,
+    now: datetime,
 ) -> Account:
     primary = email_or_error(primary)
     account = await session.get(Account, account_id)
     if account is None:
-        account = Account(id=account_id, name=name or "", lang=lang or "pl")
+        account = Account(id=account_id, name=name or "", lang=lang or "pl", created_at=now)
         session.add(account)
     else:
         if name is not None:
@@ -159,7 +162,7 @@ async def _require_account(session: AsyncSession, account_id: str) -> None:
         raise DirectoryError(f"no account {account_id}")
 
 
-async def import_directory(session: AsyncSession, data: Any) -> dict[str, int]:
+async def import_directory(session: AsyncSession, data: Any, now: datetime) -> dict[str, int]:
     """Idempotent upsert of a JSON directory export.
 
     Shape: ``{"accounts": [{"id", "primary", "name"?, "lang"?, "technical": [..],
@@ -173,7 +176,7 @@ async def import_directory(session: AsyncSession, data: Any) -> dict[str, int]:
             raise DirectoryError('every account needs "id" and "primary"')
         account_id = str(item["id"])
         await upsert_account(
-            session, account_id, str(item["primary"]), item.get("name"), item.get("lang")
+            session, account_id, str(item["primary"]), item.get("name"), item.get("lang"), now=now
         )
         counts["accounts"] += 1
         for role in ("technical", "additional"):

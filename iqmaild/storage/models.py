@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Sequence,
     String,
     Text,
     UniqueConstraint,
@@ -55,10 +56,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -72,7 +69,7 @@ class Account(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     lang: Mapped[str] = mapped_column(String(8), default="pl")
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Address(Base):
@@ -112,8 +109,13 @@ class Share(Base):
     email: Mapped[str] = mapped_column(String(320), index=True)
 
 
+# On PostgreSQL ticket numbers come from this sequence (several instances take
+# numbers without a lock); SQLite, one instance, uses the counter row.
+TICKET_NUMBERS = Sequence("ticket_numbers", metadata=Base.metadata)
+
+
 class Counter(Base):
-    """Monotonic counters (ticket numbers): never reused, also after erasure."""
+    """Monotonic counters (ticket numbers on SQLite): never reused, also after erasure."""
 
     __tablename__ = "counters"
 
@@ -139,16 +141,26 @@ class Ticket(Base):
     requester: Mapped[str | None] = mapped_column(String(320), index=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     lang: Mapped[str] = mapped_column(String(8), default="pl")
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+MESSAGE_ID_LIMIT = 500  # of the Message-ID kept for duplicate detection (fits an index)
+
+
 class Message(Base):
-    """One received message: raw bytes first, the verdict once classified."""
+    """One received message: raw bytes first, the verdict once classified.
+
+    (raw SHA-256, Message-ID) is unique: a delivery repeated by the MTA, by
+    IMAP or by another instance is stored once, whoever gets it first.
+    """
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_state_next", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_messages_state_next", "state", "next_attempt_at"),
+        UniqueConstraint("raw_sha256", "message_id", name="uq_messages_delivery"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     ticket_id: Mapped[int | None] = mapped_column(
@@ -159,11 +171,14 @@ class Message(Base):
     rcpt_to: Mapped[list[str]] = mapped_column(JSON, default=list)
     peer: Mapped[str] = mapped_column(String(128), default="")
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    raw_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    raw_sha256: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[str] = mapped_column(String(998), default="", index=True)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # received -> processed, or dead after processing.max_attempts failures
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # received -> processed, or dead after processing.max_attempts failures. A
+    # worker claims received messages with a lease; an expired lease is free again.
     state: Mapped[str] = mapped_column(String(16), default="received")
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -194,7 +209,7 @@ class AuthToken(Base):
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     email: Mapped[str] = mapped_column(String(320))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The mail that carries the link: a returned copy of it burns the token.
@@ -230,9 +245,9 @@ class OutboxItem(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Staff got a copy of a report about this row: never a second one.
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -252,7 +267,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     event: Mapped[str] = mapped_column(String(64))
     ticket_id: Mapped[int | None] = mapped_column(
         ForeignKey("tickets.id", ondelete="SET NULL"), index=True

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +17,11 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import func, select
 
-from iqmaild.apply import links as confirm
-from iqmaild.apply.desk import Desk
-from iqmaild.apply.links import LinkInfo, LinkState
-from iqmaild.persist.store import Incoming
+from iqmaild.apply.links import LinkInfo, Links, LinkState
+from iqmaild.clock import Clock
+from iqmaild.config import Config
+from iqmaild.metrics import Metrics
+from iqmaild.rendering import Renderer
 from iqmaild.storage.db import Database
 from iqmaild.storage.models import Message, OutboxItem
 from iqmaild.web import panel
@@ -34,13 +34,21 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
 }
-STATUS = {LinkState.NOT_FOUND: 404, LinkState.USED: 410, LinkState.EXPIRED: 410}
+STATUS = {
+    LinkState.NOT_FOUND: 404,
+    LinkState.USED: 410,
+    LinkState.EXPIRED: 410,
+    LinkState.REVOKED: 410,
+}
 
 
 class SlidingLimiter:
     """At most ``limit`` attempts per key in any 60-second window."""
 
-    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
+    def __init__(
+        self, clock: Clock, limit: int, window: float = 60.0, max_keys: int = 100_000
+    ) -> None:
+        self.clock = clock
         self.limit = limit
         self.window = window
         self.max_keys = max_keys
@@ -48,7 +56,7 @@ class SlidingLimiter:
 
     def full(self, key: str) -> bool:
         """No room for another attempt now (old attempts expire first)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if len(self.hits) > self.max_keys:
             self.hits.clear()
         queue = self.hits.setdefault(key, collections.deque())
@@ -57,7 +65,7 @@ class SlidingLimiter:
         return len(queue) >= self.limit
 
     def hit(self, key: str) -> None:
-        self.hits.setdefault(key, collections.deque()).append(time.monotonic())
+        self.hits.setdefault(key, collections.deque()).append(self.clock.monotonic())
 
     def allow(self, key: str) -> bool:
         if self.full(key):
@@ -69,18 +77,29 @@ class SlidingLimiter:
 class WebApp:
     def __init__(
         self,
+        config: Config,
         db: Database,
-        desk: Desk,
-        intake: Callable[[Incoming], Awaitable[int]],
+        renderer: Renderer,
+        links: Links,
+        submit: panel.Submit,
+        *,
+        log: Any,
+        metrics: Metrics,
+        clock: Clock,
         problems: Callable[[], Awaitable[list[str]]] | None = None,
         queued: Callable[[], None] = lambda: None,
     ):
-        self.problems = problems
+        self.config = config
         self.db = db
-        self.desk = desk
-        self.limiter = SlidingLimiter(desk.config.http.authorize_attempts_per_minute)
-        self.panel_failures = SlidingLimiter(desk.config.http.panel_failures_per_minute)
-        self.intake = intake
+        self.renderer = renderer
+        self.links = links
+        self.submit = submit
+        self.log = log
+        self.stats = metrics  # (self.metrics is the /metrics handler)
+        self.problems = problems
+        http = config.http
+        self.limiter = SlidingLimiter(clock, http.authorize_attempts_per_minute)
+        self.panel_failures = SlidingLimiter(clock, http.panel_failures_per_minute)
         self.queued = queued  # wakes the outbox: a click queues the acknowledgement
         self.app = web.Application(client_max_size=2 * 1024 * 1024)
         self.app.add_routes(
@@ -94,7 +113,7 @@ class WebApp:
         )
 
     def _page(self, lang: str, name: str, status: int = 200, **ctx: Any) -> web.Response:
-        body = self.desk.renderer.render_page(lang, name, **ctx)
+        body = self.renderer.render_page(lang, name, **ctx)
         return web.Response(
             text=body,
             status=status,
@@ -106,7 +125,7 @@ class WebApp:
     def _client(self, request: web.Request) -> str:
         """The client address; behind a trusted proxy, the hop the proxy saw."""
         remote = request.remote or "unknown"
-        if remote in self.desk.config.http.trusted_proxies:
+        if remote in self.config.http.trusted_proxies:
             hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
             if hops and hops[-1]:
                 return hops[-1][:64]
@@ -115,8 +134,8 @@ class WebApp:
     def _limited(self, request: web.Request) -> web.Response | None:
         if self.limiter.allow(self._client(request)):
             return None
-        self.desk.metrics.inc("authorize_rate_limited_total")
-        return self._page(self.desk.config.notices.default_lang, "error", 429, kind="rate_limited")
+        self.stats.inc("authorize_rate_limited_total")
+        return self._page(self.config.notices.default_lang, "error", 429, kind="rate_limited")
 
     async def authorize_page(self, request: web.Request) -> web.Response:
         limited = self._limited(request)
@@ -125,7 +144,7 @@ class WebApp:
         token = request.match_info["token"]
         return await self._link(
             token,
-            confirm.inspect(self.db, token),
+            self.links.inspect(token),
             "authorize",
             action_url=token,  # relative: right also behind a path prefix
         )
@@ -135,7 +154,7 @@ class WebApp:
         if limited is not None:
             return limited
         token = request.match_info["token"]
-        response = await self._link(token, confirm.confirm(self.db, self.desk, token), "confirmed")
+        response = await self._link(token, self.links.confirm(token), "confirmed")
         self.queued()
         return response
 
@@ -146,16 +165,21 @@ class WebApp:
         try:
             info = await lookup
         except Exception as exc:
-            self.desk.log.error("http.error", path="/authorize", error=type(exc).__name__)
-            return self._page(
-                self.desk.config.notices.default_lang, "error", 503, kind="unavailable"
-            )
+            self.log.error("http.error", path="/authorize", error=type(exc).__name__)
+            return self._page(self.config.notices.default_lang, "error", 503, kind="unavailable")
+        shown = {
+            "ticket_number": info.ticket_number,
+            "subject": info.subject,
+            "sender": info.sender,
+            "account": info.account,
+            "service": info.service,
+            "preview": info.preview,
+        }
         if info.state is not LinkState.VALID:
-            return self._page(info.lang, "error", STATUS[info.state], kind=info.state.value)
-        extra = {"sender": info.sender} if page == "authorize" else {}
-        return self._page(
-            info.lang, page, ticket_number=info.ticket_number, subject=info.subject, **extra, **ctx
-        )
+            return self._page(
+                info.lang, "error", STATUS[info.state], kind=info.state.value, **shown
+            )
+        return self._page(info.lang, page, **shown, **ctx)
 
     async def healthz(self, request: web.Request) -> web.Response:
         problems = [] if await self.db.ping() else ["database unavailable"]
@@ -170,10 +194,8 @@ class WebApp:
         try:
             await self._queue_gauges()
         except Exception as exc:  # metrics must answer even when the database does not
-            self.desk.log.warning("metrics.gauges_failed", error=type(exc).__name__)
-        return web.Response(
-            text=self.desk.metrics.render(), content_type="text/plain", charset="utf-8"
-        )
+            self.log.warning("metrics.gauges_failed", error=type(exc).__name__)
+        return web.Response(text=self.stats.render(), content_type="text/plain", charset="utf-8")
 
     async def _queue_gauges(self) -> None:
         """Backlogs an operator alerts on: dead letters, failed and queued mail."""
@@ -185,28 +207,28 @@ class WebApp:
                 select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
             )
         for state, count in messages:
-            self.desk.metrics.set(f'messages{{state="{state}"}}', count)
+            self.stats.set(f'messages{{state="{state}"}}', count)
         for state, count in outbox:
-            self.desk.metrics.set(f'outbox{{state="{state}"}}', count)
+            self.stats.set(f'outbox{{state="{state}"}}', count)
 
     async def panel_ticket(self, request: web.Request) -> web.Response:
         client = self._client(request)
         if self.panel_failures.full(client):  # checked before the token is compared
-            self.desk.metrics.inc("panel_rate_limited_total")
+            self.stats.inc("panel_rate_limited_total")
             return web.json_response({"error": "too many failed attempts"}, status=429)
         if not self._panel_credential_ok(request.headers.get("Authorization", "")):
             self.panel_failures.hit(client)
-            self.desk.log.warning("panel.unauthorized", client=client)
+            self.log.warning("panel.unauthorized", client=client)
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
-        response = await panel.create_ticket(request, self.db, self.desk, self.intake)
+        response = await panel.create_ticket(request, self.db, self.submit, self.log)
         self.queued()
         return response
 
     def _panel_credential_ok(self, supplied: str) -> bool:
         """Constant-time; bytes from the wire compare as bytes (never an encoding error)."""
-        expected = self.desk.config.http.panel_token
+        expected = self.config.http.panel_token
         scheme, _, credential = supplied.partition(" ")
         if not expected or scheme.lower() != "bearer":
             return False

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from iqmaild import logs
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
-from iqmaild.storage.models import AuthToken, Message, OutboxItem, Suppression, utcnow
+from iqmaild.storage.models import AuthToken, Message, OutboxItem, Suppression
 from tests.harness import STAFF, Harness, start_harness, stop_harness
 
 OWNER = "owner@acme.test"
@@ -47,11 +47,11 @@ def by_kind(rows: list[OutboxItem]) -> dict[str, OutboxItem]:
 
 
 async def wait_until_due(h: Harness) -> None:
-    """Sleep past the latest next_attempt_at of queued rows."""
+    """Move the clock past the latest next_attempt_at of queued rows (no sleeping)."""
     rows = [r for r in await outbox(h) if r.state == "queued"]
     if rows:
         due = max(r.next_attempt_at for r in rows)
-        await asyncio.sleep(max((due - utcnow()).total_seconds(), 0) + 0.02)
+        h.advance(max((due - h.clock.now()).total_seconds(), 0) + 0.01)
 
 
 class CountingRelay(CaptureRelay):
@@ -161,7 +161,7 @@ async def test_a_5xx_is_recorded_as_failed_and_never_retried(
     assert failed.attempts == 1
     assert reply[:3] in (failed.last_error or "")
 
-    await asyncio.sleep(0.3)  # longer than retry_max_seconds
+    desk.advance(0.3)  # longer than retry_max_seconds
     await desk.drain()
     async with desk.db.read() as session:
         again = await session.get(OutboxItem, failed.id)
@@ -178,7 +178,7 @@ async def test_relay_down_keeps_rows_queued_until_it_is_back(tmp_path: Path) -> 
         port = desk.relay.port
         await desk.relay.stop()
         await desk.send()
-        started = utcnow()
+        started = desk.clock.now()
         await desk.drain()
         rows = await outbox(desk)
         assert len(rows) == 2
@@ -220,13 +220,15 @@ async def test_rows_left_sending_by_a_crash_are_requeued_and_sent_once(desk: Har
                 state="sending",
                 attempts=1,
                 claimed_by="crashed:1:aa",
-                claimed_until=utcnow() + timedelta(minutes=10),
+                claimed_until=desk.clock.now() + timedelta(minutes=10),
             )
         )
 
     await desk.drain()  # a row under a live lease is nobody else's to send
     assert desk.relay.messages == []
+    assert await desk.daemon.outbox.recover() == 0
 
+    desk.advance(11 * 60)  # the crashed instance's lease runs out
     assert await desk.daemon.outbox.recover() == 1
     await desk.drain()
     await desk.drain()
@@ -243,8 +245,8 @@ async def test_a_restart_requeues_sending_rows(desk: Harness) -> None:
     async with desk.db.transaction() as session:
         await session.execute(update(OutboxItem).values(state="sending", attempts=1))
     await desk.daemon.stop()
-    desk.daemon = Daemon(desk.config)
-    await desk.daemon.start(background=False)
+    desk.daemon = Daemon(desk.config, clock=desk.clock, workers=0)
+    await desk.daemon.start(background=False)  # SQLite: the instance lock says nobody else runs
     await desk.drain()
     await desk.drain()
     assert sorted(m.rcpt_tos[0] for m in desk.relay.messages) == sorted([OWNER, STAFF])
@@ -254,17 +256,28 @@ async def test_a_restart_requeues_sending_rows(desk: Harness) -> None:
 # -- connections --------------------------------------------------------------
 
 
-async def test_one_drain_reuses_one_relay_connection(desk: Harness) -> None:
+async def test_drains_reuse_the_relay_connections(desk: Harness) -> None:
     relay = CountingRelay()
     await swap_relay(desk, relay)
-    for i in range(3):
-        await desk.send(subject=f"Zgłoszenie {i}")
-    await desk.drain()
-    assert len(relay.messages) == 6  # three links, three staff copies
-    assert len(relay.sessions) == 1
+    for round_ in range(2):
+        for i in range(3):
+            await desk.send(subject=f"Zgłoszenie {round_}.{i}")
+        await desk.drain()
+    assert len(relay.messages) == 12  # six links, six staff copies
+    assert len(relay.sessions) == desk.config.outbound.connections  # side by side, reused
 
 
-async def test_a_connection_closed_by_the_relay_is_replaced(desk: Harness) -> None:
+@pytest.fixture
+async def one_connection(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await start_harness(tmp_path, outbound={"connections": 1})
+    try:
+        yield h
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_connection_closed_by_the_relay_is_replaced(one_connection: Harness) -> None:
+    desk = one_connection
     relay = CountingRelay()
     await swap_relay(desk, relay)
     await desk.send(subject="Pierwsze")
@@ -361,7 +374,9 @@ async def test_only_expired_leases_are_taken_back_from_other_instances(desk: Har
             await session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == row.id)
-                .values(state="sending", claimed_by="peer:1:aa", claimed_until=utcnow() + until)
+                .values(
+                    state="sending", claimed_by="peer:1:aa", claimed_until=desk.clock.now() + until
+                )
             )
     assert await desk.daemon.outbox.recover(all_claims=False) == 1
     await desk.drain()
@@ -411,7 +426,7 @@ async def test_a_graceful_stop_hands_back_claimed_rows(desk: Harness) -> None:
         rows = conn.execute("SELECT state, claimed_by FROM outbox").fetchall()
     conn.close()
     assert set(rows) == {("queued", None)}
-    desk.daemon = Daemon(desk.config)  # the harness stops whatever runs at the end
+    desk.daemon = Daemon(desk.config, clock=desk.clock, workers=0)  # the harness stops it
     await desk.daemon.start(background=False)
 
 
@@ -459,7 +474,9 @@ async def test_a_staff_copy_refused_for_good_is_retried_until_an_operator_acts(
     assert staff.state == "queued" and "550" in (staff.last_error or "")
     assert [e["outbox"] for e in events(stream, "outbox.staff_refused")] == [staff.id]
     async with desk.db.transaction() as session:  # ten days of it: still never given up
-        await session.execute(update(OutboxItem).values(created_at=utcnow() - timedelta(days=10)))
+        await session.execute(
+            update(OutboxItem).values(created_at=desk.clock.now() - timedelta(days=10))
+        )
     await wait_until_due(desk)
     await desk.drain()
     assert by_kind(await outbox(desk))["staff"].state == "sent"
@@ -497,9 +514,10 @@ async def test_the_end_of_data_may_take_longer_than_a_command(tmp_path: Path) ->
 
 
 async def test_a_failure_marking_a_row_sent_never_sends_it_again(
-    desk: Harness, tmp_path: Path
+    one_connection: Harness, tmp_path: Path
 ) -> None:
     """The relay accepted; the 'sent' mark fails: the row is not sent a second time."""
+    desk = one_connection
     path = tmp_path / "iqmaild.db"
     broken = False
 
@@ -533,7 +551,9 @@ async def test_customer_mail_gives_up_by_age_and_a_failed_link_can_be_reissued(
     await desk.send()
     await desk.daemon.classifier.drain()
     async with desk.db.transaction() as session:
-        await session.execute(update(OutboxItem).values(created_at=utcnow() - timedelta(days=6)))
+        await session.execute(
+            update(OutboxItem).values(created_at=desk.clock.now() - timedelta(days=6))
+        )
     await desk.daemon.outbox.drain()
     rows = by_kind(await outbox(desk))
     assert (rows["auth_request"].state, rows["staff"].state) == ("failed", "queued")

@@ -23,11 +23,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iqmaild.clock import FakeClock
 from iqmaild.config import parse_config
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.text import clean_text
 from iqmaild.core.vocabulary import MailKind
-from iqmaild.deliver import compose, mime
+from iqmaild.deliver import mime
 from iqmaild.deliver.compose import Composer, ThreadInfo, TicketRef
 from iqmaild.rendering import LANGS, Renderer
 from tests.harness import config_dict
@@ -640,7 +641,7 @@ def composer_for(from_: str = FROMS[0]) -> Composer:
     data = config_dict("sqlite+aiosqlite:///:memory:", 25)
     data["outbound"]["from"] = from_
     config = parse_config(data)
-    return Composer(config, Renderer(), TagFormat(config.tickets.tag_prefix))
+    return Composer(config, Renderer(), TagFormat(config.tickets.tag_prefix), FakeClock(WHEN))
 
 
 @pytest.fixture(scope="module")
@@ -651,8 +652,6 @@ def composers() -> dict[str, Composer]:
 @pytest.fixture
 def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both paths see the same clock and the same random ids."""
-    monkeypatch.setattr(compose, "_now", lambda: WHEN)
-    monkeypatch.setattr(compose.time, "time", lambda: 1732528800.25)
     monkeypatch.setattr(
         Composer, "new_message_id", lambda self, n, kind="a": f"<iq.{n or 0}.abc123@desk.test>"
     )

@@ -75,6 +75,7 @@ async def test_a_forger_using_up_the_owners_quota_does_not_hide_the_real_request
             ticket = await session.get(Ticket, real.ticket_id)
             assert ticket is not None
         await reissue_link(h.config, h.db, ticket.number)
+        h.advance(5)  # the CLI keeps the wall clock; the daemon's here stands still
         await h.drain()
         assert [OWNER] in [m.envelope_to for m in h.new_mail()]
     finally:

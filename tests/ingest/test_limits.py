@@ -67,7 +67,7 @@ async def test_one_failing_message_never_fails_its_commit_group(any_desk: Harnes
     """The group commit falls back to one transaction each when the batch fails."""
     desk = any_desk
     results: list[object] = []
-    committer = GroupCommitter(desk.db, max_batch=64, on_commit=lambda: None)
+    committer = GroupCommitter(desk.db, desk.clock, max_batch=64, on_commit=lambda: None)
     task = asyncio.create_task(committer.run())
     try:
         good = [

@@ -18,7 +18,7 @@ from multidict import CIMultiDictProxy
 from sqlalchemy import func, select, update
 from yarl import URL
 
-from iqmaild.storage.models import AuditEvent, AuthToken, Message, utcnow
+from iqmaild.storage.models import AuditEvent, AuthToken, Message
 from tests.harness import STAFF, Harness, link_in, start_harness, stop_harness
 
 OWNER = "owner@acme.test"
@@ -93,7 +93,9 @@ async def test_unknown_token_gets_a_404_page(desk: Harness) -> None:
 async def test_expired_token_gets_a_410_page_and_authorizes_nothing(desk: Harness) -> None:
     path = await new_link(desk)
     async with desk.db.transaction() as session:
-        await session.execute(update(AuthToken).values(expires_at=utcnow() - timedelta(minutes=1)))
+        await session.execute(
+            update(AuthToken).values(expires_at=desk.clock.now() - timedelta(minutes=1))
+        )
     for method in ("GET", "POST"):
         async with desk.http.request(method, desk.base_url + path) as resp:
             page = await resp.text()
