@@ -14,9 +14,12 @@ from iqmaild.storage.models import OutboxItem
 from tests.harness import Harness, config_dict, to_toml
 
 
-async def test_a_second_daemon_on_the_same_sqlite_file_touches_nothing(desk: Harness) -> None:
+async def test_a_second_daemon_on_the_same_sqlite_file_touches_nothing(
+    sqlite_desk: Harness,
+) -> None:
     """It refuses before it takes back the first one's claims (which it once did, and
     then failed to bind its port: two staff copies were each delivered twice)."""
+    desk = sqlite_desk
     await desk.send()
     await desk.daemon.classifier.drain()
     async with desk.db.transaction() as session:

@@ -28,15 +28,20 @@ from sqlalchemy.ext.asyncio import (
 
 
 def is_outage(error: BaseException) -> bool:
-    """The database itself failed (down, locked, full, schema gone), not one row's data."""
+    """The database itself failed (down, locked, full, a table gone), not one row's data.
+
+    Such a failure is no message's fault: it is retried with backoff, never counted
+    against a message (a long outage must not park good mail as dead letters).
+    """
     if isinstance(error, exc.DBAPIError) and not isinstance(
-        error, exc.OperationalError | exc.InterfaceError
+        error, exc.OperationalError | exc.InterfaceError | exc.ProgrammingError
     ):
         return bool(error.connection_invalidated)
     return isinstance(
         error,
         exc.OperationalError
         | exc.InterfaceError
+        | exc.ProgrammingError
         | exc.DisconnectionError
         | exc.TimeoutError
         | OSError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from iqmaild import logs
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
 from iqmaild.storage.models import AuthToken, Message, OutboxItem, Suppression
+from tests.conftest import Sabotage, harness_on
 from tests.harness import STAFF, Harness, start_harness, stop_harness
 
 OWNER = "owner@acme.test"
@@ -268,12 +268,9 @@ async def test_drains_reuse_the_relay_connections(desk: Harness) -> None:
 
 
 @pytest.fixture
-async def one_connection(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await start_harness(tmp_path, outbound={"connections": 1})
-    try:
+async def one_connection(backend: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harness_on(backend, tmp_path, outbound={"connections": 1}) as h:
         yield h
-    finally:
-        await stop_harness(h)
 
 
 async def test_a_connection_closed_by_the_relay_is_replaced(one_connection: Harness) -> None:
@@ -421,11 +418,8 @@ async def test_a_graceful_stop_hands_back_claimed_rows(desk: Harness) -> None:
     assert len(claimed) == 2
     await desk.daemon.stop()
     # Read what the stop left, before any start-up recovery could tidy it.
-    path = desk.config.database.url.split(":///", 1)[1]
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT state, claimed_by FROM outbox").fetchall()
-    conn.close()
-    assert set(rows) == {("queued", None)}
+    rows = Sabotage(desk.config.database.url).rows("SELECT state, claimed_by FROM outbox")
+    assert {(state, by or None) for state, by in rows} == {("queued", None)}
     desk.daemon = Daemon(desk.config, clock=desk.clock, workers=0)  # the harness stops it
     await desk.daemon.start(background=False)
 
@@ -514,19 +508,18 @@ async def test_the_end_of_data_may_take_longer_than_a_command(tmp_path: Path) ->
 
 
 async def test_a_failure_marking_a_row_sent_never_sends_it_again(
-    one_connection: Harness, tmp_path: Path
+    one_connection: Harness,
 ) -> None:
     """The relay accepted; the 'sent' mark fails: the row is not sent a second time."""
     desk = one_connection
-    path = tmp_path / "iqmaild.db"
+    faults = Sabotage(desk.config.database.url)
     broken = False
 
     def sabotage(_item: Any, _path: Any) -> None:
         nonlocal broken
         if not broken:  # after the relay took the first mail, the database refuses writes
             broken = True
-            with sqlite3.connect(path, timeout=15) as conn:
-                conn.execute("ALTER TABLE outbox RENAME TO outbox_away")
+            faults.rename("outbox", "outbox_away")
 
     desk.relay.on_message = sabotage
     await desk.send()
@@ -534,9 +527,8 @@ async def test_a_failure_marking_a_row_sent_never_sends_it_again(
     await desk.daemon.outbox.drain()  # the mark fails: nothing more is sent meanwhile
     await desk.daemon.outbox.drain()
     assert len(desk.relay.messages) == 1
-    with sqlite3.connect(path, timeout=15) as conn:
-        assert {r[0] for r in conn.execute("SELECT state FROM outbox_away")} == {"sending"}
-        conn.execute("ALTER TABLE outbox_away RENAME TO outbox")
+    assert {r[0] for r in faults.rows("SELECT state FROM outbox_away")} == {"sending"}
+    faults.rename("outbox_away", "outbox")
     await desk.daemon.outbox.drain()  # the marks first, before anything is claimed
     await desk.daemon.outbox.drain()
     assert {r.state for r in await outbox(desk)} == {"sent"}

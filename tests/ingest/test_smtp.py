@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
-import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,8 @@ import pytest
 from sqlalchemy import func, select
 
 from iqmaild.storage.models import Message
-from tests.harness import DESK, STAFF, Harness, start_harness, stop_harness
+from tests.conftest import Sabotage, harness_on
+from tests.harness import DESK, STAFF, Harness
 
 LIMIT = 1024 * 1024  # smtp.max_message_size in the harness
 SECOND_DESK = "pomoc@desk.test"
@@ -44,14 +44,13 @@ def mail_bytes(
     ).encode()
 
 
-def db_file(tmp_path: Path) -> Path:
-    return tmp_path / "iqmaild.db"
-
-
-def rows_on_disk(tmp_path: Path) -> list[tuple[int, bytes, str]]:
-    """The messages table read through a separate SQLite connection (what is committed)."""
-    with sqlite3.connect(db_file(tmp_path), timeout=15) as conn:
-        return list(conn.execute("SELECT id, raw, mail_from FROM messages ORDER BY id"))
+def rows_on_disk(sabotage: Sabotage) -> list[tuple[int, bytes, str]]:
+    """The messages table read through a connection of its own (what is committed)."""
+    if sabotage.url.startswith("sqlite"):
+        rows = sabotage.rows("SELECT id, raw, mail_from FROM messages ORDER BY id")
+        return [(int(i), bytes(raw), str(sender)) for i, raw, sender in rows]
+    rows = sabotage.rows("SELECT id, encode(raw, 'hex'), mail_from FROM messages ORDER BY id")
+    return [(int(i), bytes.fromhex(raw), sender) for i, raw, sender in rows]
 
 
 async def count_messages(h: Harness) -> int:
@@ -149,7 +148,7 @@ async def test_mail_from_with_size_over_the_limit_is_refused_552(desk: Harness) 
 
 
 async def test_data_over_the_limit_is_refused_552_and_nothing_is_stored(
-    desk: Harness, tmp_path: Path
+    desk: Harness, sabotage: Sabotage
 ) -> None:
     line = b"x" * 998 + b"\r\n"
     raw = mail_bytes() + line * (LIMIT // len(line) + 10)
@@ -157,7 +156,7 @@ async def test_data_over_the_limit_is_refused_552_and_nothing_is_stored(
     code, _ = await desk.send_raw(raw)
     assert code == 552
     assert await count_messages(desk) == 0
-    assert rows_on_disk(tmp_path) == []
+    assert rows_on_disk(sabotage) == []
     # A mail within the limit still goes through on the next try.
     small = mail_bytes() + line * 10
     code, _ = await desk.send_raw(small)
@@ -166,7 +165,7 @@ async def test_data_over_the_limit_is_refused_552_and_nothing_is_stored(
 
 
 async def test_utf8_envelope_with_smtputf8_is_accepted_and_processed(
-    desk: Harness, tmp_path: Path
+    desk: Harness, sabotage: Sabotage
 ) -> None:
     sender = "użytkownik@przykład.test"  # RFC 6531: UTF-8 in the envelope
     raw = (
@@ -187,7 +186,7 @@ async def test_utf8_envelope_with_smtputf8_is_accepted_and_processed(
 
     mail, rcpt, data = await asyncio.to_thread(run)
     assert (mail[0], rcpt[0], data[0]) == (250, 250, 250)
-    [(_, stored, mail_from)] = rows_on_disk(tmp_path)
+    [(_, stored, mail_from)] = rows_on_disk(sabotage)
     assert stored == raw
     assert mail_from == sender
     # Classified like any other mail of the owner, not parked as a dead letter.
@@ -202,7 +201,7 @@ async def test_utf8_envelope_with_smtputf8_is_accepted_and_processed(
 
 
 async def test_250_comes_only_after_the_commit_with_the_exact_bytes(
-    desk: Harness, tmp_path: Path
+    desk: Harness, sabotage: Sabotage
 ) -> None:
     # 8-bit body, a dot-stuffed line, a long line, a NUL byte: stored exactly as received.
     raw = mail_bytes(
@@ -217,7 +216,7 @@ async def test_250_comes_only_after_the_commit_with_the_exact_bytes(
             code, _ = client.data(raw)
             # Still in the client thread, before the daemon's loop runs again:
             # what the 250 promised must already be on disk.
-            return code, rows_on_disk(tmp_path)
+            return code, rows_on_disk(sabotage)
 
     code, rows = await asyncio.to_thread(run)
     assert code == 250
@@ -227,7 +226,7 @@ async def test_250_comes_only_after_the_commit_with_the_exact_bytes(
 
 
 async def test_storage_failure_answers_451_430_and_the_retry_succeeds(
-    desk: Harness, tmp_path: Path, break_messages_table
+    desk: Harness, sabotage: Sabotage, break_messages_table
 ) -> None:
     raw = mail_bytes()
     break_messages_table(True)
@@ -238,7 +237,7 @@ async def test_storage_failure_answers_451_430_and_the_retry_succeeds(
     break_messages_table(False)
     code, _ = await desk.send_raw(raw)
     assert code == 250
-    rows = rows_on_disk(tmp_path)
+    rows = rows_on_disk(sabotage)
     assert [r[1] for r in rows] == [raw]
     async with desk.http.get(desk.base_url + "/metrics") as resp:
         metrics = await resp.text()
@@ -306,14 +305,10 @@ async def test_many_concurrent_senders_all_get_250_after_few_commits(
 
 
 @pytest.fixture
-async def lmtp(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await start_harness(
-        tmp_path, smtp={"protocol": "lmtp", "desk_addresses": [DESK, SECOND_DESK]}
-    )
-    try:
+async def lmtp(backend: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    sections = {"smtp": {"protocol": "lmtp", "desk_addresses": [DESK, SECOND_DESK]}}
+    async with harness_on(backend, tmp_path, **sections) as h:
         yield h
-    finally:
-        await stop_harness(h)
 
 
 def lmtp_transaction(
@@ -342,7 +337,8 @@ def lmtp_transaction(
         wire.close()
 
 
-async def test_lmtp_answers_once_per_accepted_recipient(lmtp: Harness, tmp_path: Path) -> None:
+async def test_lmtp_answers_once_per_accepted_recipient(lmtp: Harness) -> None:
+    sabotage = Sabotage(lmtp.config.database.url)
     raw = mail_bytes()
     rcpt, statuses = await asyncio.to_thread(
         lmtp_transaction,
@@ -352,14 +348,12 @@ async def test_lmtp_answers_once_per_accepted_recipient(lmtp: Harness, tmp_path:
     )
     assert [r[:3] for r in rcpt] == ["250", "550", "250"]
     assert [s[:3] for s in statuses] == ["250", "250", "221"]
-    [(_, stored, _)] = rows_on_disk(tmp_path)
+    [(_, stored, _)] = rows_on_disk(sabotage)
     assert stored == raw
 
 
-async def test_lmtp_storage_failure_answers_451_per_recipient(
-    lmtp: Harness, break_messages_table
-) -> None:
-    break_messages_table(True)
+async def test_lmtp_storage_failure_answers_451_per_recipient(lmtp: Harness) -> None:
+    Sabotage(lmtp.config.database.url).rename("messages", "messages_away")
     _, statuses = await asyncio.to_thread(
         lmtp_transaction, lmtp.daemon.smtp_port, mail_bytes(), [DESK, SECOND_DESK]
     )
