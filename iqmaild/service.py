@@ -303,6 +303,8 @@ class Daemon:
         if task.cancelled():
             return
         error = task.exception()
+        if error is None:
+            return  # it finished its work (the worker's supervisor, once stopped)
         self.log.critical(
             "task.died", task=task.get_name(), error=f"{type(error).__name__}: {error}"[:300]
         )
