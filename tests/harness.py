@@ -24,7 +24,7 @@ import aiohttp
 from sqlalchemy import select
 
 from iqmaild.apply import tickets
-from iqmaild.clock import Clock, FakeClock
+from iqmaild.clock import Clock, FakeClock, SystemClock
 from iqmaild.config import Config, parse_config
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.service import Daemon
@@ -256,8 +256,11 @@ async def start_harness(
     tmp_path: Path,
     db_url: str | None = None,
     clock: Clock | None = None,
+    background: bool = False,
     **sections: dict[str, Any],
 ) -> Harness:
+    """``background=True``: as production runs, the worker process and all; with the
+    system clock (the worker keeps its own)."""
     relay = CaptureRelay()
     relay_port = await relay.start()
     url = db_url or f"sqlite+aiosqlite:///{tmp_path / 'iqmaild.db'}"
@@ -267,8 +270,11 @@ async def start_harness(
     async with db.transaction() as session:
         await import_directory(session, DIRECTORY, datetime.now(UTC))
     await db.dispose()
-    daemon = Daemon(config, clock=clock or FakeClock(datetime.now(UTC)), workers=0)
-    await daemon.start(background=False)
+    if background:
+        daemon = Daemon(config, clock=clock or SystemClock(), workers=1)
+    else:
+        daemon = Daemon(config, clock=clock or FakeClock(datetime.now(UTC)), workers=0)
+    await daemon.start(background=background)
     http = aiohttp.ClientSession()
     return Harness(daemon, relay, config, http)
 
