@@ -34,7 +34,7 @@ def readings(path: Path) -> list[str]:
             continue
         owner = node.func.value
         name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
-        if (name, node.func.attr) in READINGS or node.func.attr == "time" and name == "loop":
+        if (name, node.func.attr) in READINGS or (node.func.attr == "time" and name == "loop"):
             out.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {name}.{node.func.attr}()")
     return out
 
