@@ -187,12 +187,13 @@ class _DeskSMTP(SMTP):
         super().connection_lost(error)
 
     def _declared_size(self) -> int:
+        """The size the client declared (Postfix always does), 0 when it declared none."""
         limit = self.data_size_limit or 0
         for option in getattr(self.envelope, "mail_options", None) or ():
             match = _SIZE.match(option)
             if match:
                 return min(int(match.group(1)), limit) if limit else int(match.group(1))
-        return limit
+        return 0
 
     async def smtp_DATA(self, arg: str) -> None:
         # Until its commit a message is held about three times: aiosmtpd's lines,
