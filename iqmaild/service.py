@@ -418,6 +418,7 @@ class Supervisor:
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # not the working directory first on sys.path: the installed iqmaild
             "-m",
             "iqmaild.worker",
             stdin=asyncio.subprocess.PIPE,
