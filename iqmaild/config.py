@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -273,12 +274,12 @@ class Config(_Section):
     def key(self) -> bytes:
         return self.security.secret_key.encode()
 
-    @property
+    @cached_property
     def return_path_base(self) -> str:
         """Base of our signed envelope senders (``base+bounce-N-sig@domain``)."""
         return normalize(self.outbound.return_path or self.desk_address) or ""
 
-    @property
+    @cached_property
     def desk_address(self) -> str:
         """The address in ``outbound.from`` (our envelope sender, named in mail)."""
         from email.policy import default
@@ -287,7 +288,7 @@ class Config(_Section):
         addresses = getattr(header, "addresses", ())
         return addresses[0].addr_spec if addresses else self.outbound.from_
 
-    @property
+    @cached_property
     def message_id_domain(self) -> str:
         domain = self.desk_address.rpartition("@")[2]
         return self.outbound.message_id_domain or domain or "localhost"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import policy
 from typing import Any
 
@@ -42,12 +42,14 @@ class Fields:
 
     items: tuple[tuple[str, str], ...]
     truncated: bool = False  # more than MAX_FIELDS fields: the rest were not read
+    stray_lines: bool = False  # lines in the header section that are not fields
+    _parsed: dict[str, list[Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, raw: bytes) -> Fields:
         head, _ = split_head(raw)
         items: list[tuple[str, list[str]]] = []
-        truncated = False
+        truncated = stray = False
         for line in _LINE.split(head):
             value = line.decode("ascii", "surrogateescape")  # as the email package reads bytes
             if value[:1] in (" ", "\t"):
@@ -56,12 +58,13 @@ class Fields:
                 continue
             match = _FIELD.fullmatch(value)
             if match is None:
+                stray = True
                 continue  # not a field: neither ends the section nor hides what follows
             if len(items) >= MAX_FIELDS:
                 truncated = True
                 break
             items.append((match.group(1).lower(), [match.group(2)]))
-        return cls(tuple((name, "\r\n".join(parts)) for name, parts in items), truncated)
+        return cls(tuple((name, "\r\n".join(parts)) for name, parts in items), truncated, stray)
 
     def raw(self, name: str) -> list[str]:
         return [value for key, value in self.items if key == name]
@@ -70,14 +73,32 @@ class Fields:
         return (key for key, _ in self.items)
 
     def parsed(self, name: str) -> list[Any]:
-        """Every field ``name``, parsed (size-capped); one that cannot be parsed is left out."""
+        """Every field ``name``, parsed (size-capped, once); one that cannot be parsed is
+        left out."""
+        cached = self._parsed.get(name)
+        if cached is not None:
+            return cached
         out: list[Any] = []
         for raw in self.raw(name):
             try:
                 out.append(parse_header(name, raw))
             except Exception:
                 continue
+        self._parsed[name] = out
         return out
+
+    def text(self, name: str) -> str:
+        """The first field ``name`` as one line of text, for values that are plain
+        ASCII words (ids, tokens, most dates): no header parser needed; otherwise
+        decoded as the email package does."""
+        raws = self.raw(name)
+        if not raws:
+            return ""
+        value = " ".join(unfold(raws[0]).split())
+        if value.isascii() and "=?" not in value and "(" not in value:
+            return value[:HEADER_PARSE_LIMIT]
+        values = self.parsed(name)
+        return as_text(values[0], HEADER_PARSE_LIMIT) if values else ""
 
     def count(self, name: str) -> int:
         return sum(1 for key in self.names() if key == name)

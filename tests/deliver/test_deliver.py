@@ -524,9 +524,11 @@ async def test_a_failure_marking_a_row_sent_never_sends_it_again(
     desk.relay.on_message = sabotage
     await desk.send()
     await desk.daemon.classifier.drain()
-    await desk.daemon.outbox.drain()  # the mark fails: nothing more is sent meanwhile
+    await desk.daemon.outbox.drain()  # the mark fails: nothing more is claimed meanwhile
     await desk.daemon.outbox.drain()
-    assert len(desk.relay.messages) == 1
+    sent_while_failing = [m.rcpt_tos[0] for m in desk.relay.messages]
+    # marks are pipelined: a send already under way may finish, none is repeated
+    assert len(sent_while_failing) == len(set(sent_while_failing)) >= 1
     assert {r[0] for r in faults.rows("SELECT state FROM outbox_away")} == {"sending"}
     faults.rename("outbox_away", "outbox")
     await desk.daemon.outbox.drain()  # the marks first, before anything is claimed
