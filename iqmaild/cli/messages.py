@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from iqmaild.cli import main
 from iqmaild.cli.common import emit, run_job
-from iqmaild.parse.message import body_preview
+from iqmaild.parse.message import body_preview, mime_defects
 from iqmaild.storage.models import Message, Ticket
 
 
@@ -103,7 +103,7 @@ def message_show(ctx: click.Context, message_id: int, raw: bool, as_json: bool) 
         "sender_role": m.sender_role,
         "suppressed": m.suppressed,
         "returned_outbox": m.outbox_ref,
-        "defects": m.defects,
+        "defects": list(dict.fromkeys([*m.defects, *mime_defects(m.raw)])),
         "size": len(m.raw),
         "last_error": m.last_error,
         "body": body_preview(m.raw, 4000),

@@ -43,7 +43,9 @@ class Fields:
     items: tuple[tuple[str, str], ...]
     truncated: bool = False  # more than MAX_FIELDS fields: the rest were not read
     stray_lines: bool = False  # lines in the header section that are not fields
-    _parsed: dict[str, list[Any]] = field(default_factory=dict, compare=False, repr=False)
+    _parsed: dict[str, list[tuple[str, Any]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def of(cls, raw: bytes) -> Fields:
@@ -72,20 +74,25 @@ class Fields:
     def names(self) -> Iterator[str]:
         return (key for key, _ in self.items)
 
-    def parsed(self, name: str) -> list[Any]:
-        """Every field ``name``, parsed (size-capped, once); one that cannot be parsed is
-        left out."""
+    def each(self, name: str) -> list[tuple[str, Any]]:
+        """Every field ``name`` as (raw, parsed value or None when it does not
+        parse), parsed once however often it is asked for."""
         cached = self._parsed.get(name)
         if cached is not None:
             return cached
-        out: list[Any] = []
+        out: list[tuple[str, Any]] = []
         for raw in self.raw(name):
             try:
-                out.append(parse_header(name, raw))
+                out.append((raw, parse_header(name, raw)))
             except Exception:
-                continue
+                out.append((raw, None))
         self._parsed[name] = out
         return out
+
+    def parsed(self, name: str) -> list[Any]:
+        """Every field ``name``, parsed (size-capped); one that cannot be parsed is
+        left out."""
+        return [value for _, value in self.each(name) if value is not None]
 
     def text(self, name: str) -> str:
         """The first field ``name`` as one line of text, for values that are plain
@@ -95,7 +102,7 @@ class Fields:
         if not raws:
             return ""
         value = " ".join(unfold(raws[0]).split())
-        if value.isascii() and "=?" not in value and "(" not in value:
+        if value.isascii() and "=?" not in value and "(" not in value and "\\" not in value:
             return value[:HEADER_PARSE_LIMIT]
         values = self.parsed(name)
         return as_text(values[0], HEADER_PARSE_LIMIT) if values else ""

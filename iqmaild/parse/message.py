@@ -5,6 +5,11 @@ MIME structure from ``email.policy.default`` (never ``parseaddr``/
 ``getaddresses``, which misparse crafted addresses, CVE-2023-27043). Every
 access is fallible: bad input becomes defects and facts, never an exception,
 and a recipient that cannot be read whole counts against the sender.
+
+The rules read headers only, so the MIME tree is built only where something
+needs it (a delivery report, a base64 text part that may quote our link, raw
+8-bit headers to be read in a declared charset): most mail is classified from
+the header section alone.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from iqmaild.parse.headers import (
     as_text,
     parse_header,
     too_long,
+    unfold,
 )
 
 _THREAD_INDEX = re.compile(r"^[A-Za-z0-9+/=]{1,400}$")
@@ -93,6 +99,29 @@ def _first(fields: Fields, name: str) -> str:
     return clean_text(_safe_str(values[0])) if values else ""
 
 
+def _word(fields: Fields, name: str) -> str:
+    """A header of ids or tokens (Message-ID, References, Auto-Submitted), as text."""
+    return clean_text(fields.text(name))
+
+
+class _Tree:
+    """The MIME tree, built on first use and at most once."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._msg: EmailMessage | None = None
+
+    @property
+    def msg(self) -> EmailMessage:
+        if self._msg is None:
+            self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
+        return self._msg
+
+    @property
+    def built(self) -> bool:
+        return self._msg is not None
+
+
 def _charsets(msg: EmailMessage) -> list[str]:
     """Where raw 8-bit header bytes are not UTF-8: the charsets to read them in.
 
@@ -116,7 +145,7 @@ def _charsets(msg: EmailMessage) -> list[str]:
     return [*out, "cp1250"] if "cp1250" not in out else out
 
 
-def _display(fields: Fields, name: str, charsets: list[str]) -> str:
+def _display(fields: Fields, name: str, tree: _Tree) -> str:
     """Header text for people: like `_first`, but raw 8-bit read in ``charsets``.
 
     For display only (Subject, names); addresses always come from `_mailboxes`.
@@ -133,7 +162,7 @@ def _display(fields: Fields, name: str, charsets: list[str]) -> str:
         pass
     except Exception:
         return value
-    for charset in charsets:
+    for charset in _charsets(tree.msg):
         try:
             text = data.decode(charset)
             return clean_text(_safe_str(parse_header(name, text)))
@@ -195,12 +224,10 @@ def _recipients(fields: Fields) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if fields.truncated:
         unreadable.append("(more header fields than could be read)")
     for name in ("to", "cc"):
-        for raw in fields.raw(name):
+        for raw, header in fields.each(name):
             if too_long(raw):
                 unreadable.append(f"({name} list longer than {HEADER_PARSE_LIMIT} characters)")
-            try:
-                header = parse_header(name, raw)
-            except Exception:
+            if header is None:
                 unreadable.append(f"(unreadable {name}: {clean_text(raw, 80)})")
                 continue
             found, bad, defective = _mailboxes(header, _COSMETIC_IN_LISTS)
@@ -261,13 +288,25 @@ def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
     return out
 
 
-def _link_tokens(raw: bytes, msg: EmailMessage, prefix: str) -> tuple[str, ...]:
-    """Tokens of our authorization links anywhere in the message (a returned link mail)."""
+_BASE64 = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*\"?base64")
+_SOFT_BREAK = re.compile(rb"=\r?\n")
+
+
+def _link_tokens(raw: bytes, tree: _Tree, prefix: str) -> tuple[str, ...]:
+    """Tokens of our authorization links anywhere in the message (a returned link
+    mail, a quote): in the raw text, in quoted-printable with its soft line breaks
+    undone (our links are plain URL characters), and in base64 text parts decoded."""
     if not prefix:
         return ()
     pattern = re.compile(re.escape(prefix) + _TOKEN)
+    head = raw[: 4 * 1024 * 1024]
+    texts = [head.decode("ascii", "replace")]
+    if b"=\n" in head or b"=\r\n" in head:
+        texts.append(_SOFT_BREAK.sub(b"", head).decode("ascii", "replace"))
+    if _BASE64.search(raw) is not None:
+        texts.extend(_texts(tree.msg))
     found: dict[str, None] = {}
-    for text in [raw[: 4 * 1024 * 1024].decode("ascii", "replace"), *_texts(msg)]:
+    for text in texts:
         for token in pattern.findall(text):
             found.setdefault(token, None)
     return tuple(itertools.islice(found, 20))
@@ -301,32 +340,31 @@ def parse_message(
     channel: Channel = Channel.SMTP,
 ) -> ParsedMail:
     """Everything classification and threading need from one raw message."""
-    msg: EmailMessage = email.message_from_bytes(raw, policy=policy.default)  # type: ignore[assignment]
     fields = Fields.of(raw)
-    defects = [type(d).__name__ for d in getattr(msg, "defects", [])]
+    tree = _Tree(raw)
     from_addresses, from_defect = _from_addresses(fields)
-    charsets = _charsets(msg)
-    subject = _display(fields, "subject", charsets)
-    in_reply_to = _first(fields, "in-reply-to")
-    references_text = " ".join(_safe_str(v) for v in fields.parsed("references"))
+    subject = _display(fields, "subject", tree)
+    in_reply_to = _word(fields, "in-reply-to")
+    references_text = " ".join(clean_text(_safe_str(v)) for v in _words(fields, "references"))
     references = tuple(message_ids(references_text))[-50:]
-    ids = message_ids(_first(fields, "message-id"))
-    report = _report_type(msg)
+    ids = message_ids(_word(fields, "message-id"))
+    report = _report_type(tree.msg) if _may_be_report(fields) else None
     tag = ctx.tags.find(subject)
     key, domain = ctx.key, ctx.msgid_domain
     thread_ticket = threadref.find_ticket_reference(key, domain, in_reply_to, references_text)
     if report is not None and (tag is None and thread_ticket is None):
-        embedded = _embedded_headers(msg)
+        embedded = _embedded_headers(tree.msg)
         thread_ticket = threadref.find_ticket_reference(key, domain, embedded)
         tag = ctx.tags.find(clean_text(embedded, 20000))
-    auto_submitted = _first(fields, "auto-submitted").split(";", 1)[0].strip().lower() or None
-    precedence = _first(fields, "precedence").lower() or None
+    auto_submitted = _word(fields, "auto-submitted").split(";", 1)[0].strip().lower() or None
+    precedence = _word(fields, "precedence").lower() or None
     if precedence == "auto_reply" and auto_submitted is None:
         auto_submitted = "auto-replied"
     autoreply = any(fields.raw(h) for h in ("x-autoreply", "x-autorespond", "x-autoresponder"))
     sender = from_addresses[0] if len(from_addresses) == 1 and not from_defect else ""
     recipients, unreadable = _recipients(fields)
     message_id = ids[0] if ids else ""
+    hops = fields.count("received")
     facts = MessageFacts(
         channel=channel,
         from_addresses=from_addresses,
@@ -350,10 +388,11 @@ def parse_message(
         ),
         own_mail=channel is not Channel.PANEL and _own_mail(fields, key, domain, message_id),
         answers_notice=threadref.answers_notice(key, domain, in_reply_to),
-        hops=fields.count("received"),
+        hops=hops,
         returned_outbox_id=_returned_row(rcpt_to or [], ctx),
     )
-    thread_index = _first(fields, "thread-index")
+    thread_index = _word(fields, "thread-index")
+    link_tokens = _link_tokens(raw, tree, ctx.link_prefix)
     return ParsedMail(
         facts=facts,
         message_id=message_id,
@@ -361,13 +400,50 @@ def parse_message(
         thread_index=thread_index if _THREAD_INDEX.match(thread_index) else None,
         subject=subject,
         headers={
-            **{h: _display(fields, h, charsets) for h in STORED_HEADERS if fields.raw(h)},
-            "hops": str(fields.count("received")),
+            **{h: _display(fields, h, tree) for h in STORED_HEADERS if fields.raw(h)},
+            "hops": str(hops),
         },
-        defects=tuple(defects),
-        link_tokens=_link_tokens(raw, msg, ctx.link_prefix),
-        report=read_report(msg) if report == "delivery-status" else None,
+        defects=_defects(fields, tree),
+        link_tokens=link_tokens,
+        report=read_report(tree.msg) if report == "delivery-status" else None,
     )
+
+
+def _words(fields: Fields, name: str) -> list[str]:
+    """Every field ``name`` as text (References may come in several)."""
+    if _needs_parser(fields, name):
+        return [_safe_str(value) if value is not None else "" for _, value in fields.each(name)]
+    return [" ".join(unfold(raw).split()) for raw in fields.raw(name)]
+
+
+def _needs_parser(fields: Fields, name: str) -> bool:
+    """Whether a header of ids holds anything but plain ASCII words (comments,
+    encoded words, raw 8-bit): then the email package reads it."""
+    return any(
+        not raw.isascii() or "=?" in raw or "(" in raw or "\\" in raw for raw in fields.raw(name)
+    )
+
+
+def _may_be_report(fields: Fields) -> bool:
+    """A multipart/report names itself in Content-Type (its subtype is one token)."""
+    return any("report" in raw.lower() for raw in fields.raw("content-type"))
+
+
+def _defects(fields: Fields, tree: _Tree) -> tuple[str, ...]:
+    """Structural defects: of the MIME tree when it was built, else of the header
+    section (`mime_defects` finds the rest for an operator who asks)."""
+    if tree.built:
+        return tuple(type(d).__name__ for d in getattr(tree.msg, "defects", []))
+    return ("MissingHeaderBodySeparatorDefect",) if fields.stray_lines else ()
+
+
+def mime_defects(raw: bytes) -> list[str]:
+    """Every defect the email package finds in the whole MIME tree (for display)."""
+    try:
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        return [type(d).__name__ for part in msg.walk() for d in getattr(part, "defects", [])]
+    except Exception as exc:
+        return [f"ParseFailure:{type(exc).__name__}"]
 
 
 def _all_values(fields: Fields, name: str) -> list[Any]:
