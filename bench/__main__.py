@@ -41,12 +41,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, help="parallel SMTP sessions (scenario default)")
     p.add_argument("--sizes", help="ingest: comma-separated message sizes in bytes")
     p.add_argument("--addresses", help="scale: comma-separated directory sizes")
+    p.add_argument(
+        "--mix",
+        choices=["new", "mix"],
+        action="append",
+        help="e2e: run only this mix (repeatable; default both)",
+    )
+    p.add_argument(
+        "--gc1", action="store_true", help="ingest: also iqmaild with smtp.group_commit_max = 1"
+    )
     p.add_argument("--log-level", default="info", help="the daemon's logging.level (info)")
     p.add_argument(
         "--idle-close",
         type=float,
         help="outbound.idle_close_seconds for the daemon (default: the daemon's; "
-        "--short sets 1 so CI does not wait for an idle outbox)",
+        "--short sets 0.5 so CI does not wait for an idle outbox)",
     )
     p.add_argument(
         "--profile",
@@ -71,12 +80,17 @@ def settings(args: argparse.Namespace, scenario: str) -> Settings:
                 raise MissingTool(why)
             backends = tuple(b for b in backends if b != "postgres")
             print(f"bench: {why}; SQLite only", file=sys.stderr)
-    extra = {"messages": args.messages, "sessions": args.sessions}
+    extra = {
+        "messages": args.messages,
+        "sessions": args.sessions,
+        "mixes": args.mix,
+        "gc1": args.gc1,
+    }
     if args.sizes:
         extra["sizes"] = [int(x) for x in args.sizes.split(",")]
     if args.addresses:
         extra["addresses"] = [int(float(x)) for x in args.addresses.split(",")]
-    idle = args.idle_close if args.idle_close is not None else (1.0 if args.short else None)
+    idle = args.idle_close if args.idle_close is not None else (0.5 if args.short else None)
     return Settings(
         short=args.short,
         repeat=args.repeat,

@@ -151,7 +151,13 @@ def window(sent: list[Sent]) -> tuple[float, float]:
 def check_daemon_state(d: dmn.Daemon, record: RunRecord, accepted: int) -> list[dict[str, Any]]:
     """After the run, through the CLI: every accepted message stored and processed, no
     dead letter, every outbox row sent."""
-    rows, problems = dmn.check_stored(d.cli, accepted)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two CLI processes side by side
+        stored = pool.submit(dmn.check_stored, d.cli, accepted)
+        outbox_rows = pool.submit(d.cli.outbox)
+        rows, problems = stored.result()
+        outbox = outbox_rows.result()
     record.problems += problems
     states: dict[str, int] = {}
     for r in rows:
@@ -159,13 +165,14 @@ def check_daemon_state(d: dmn.Daemon, record: RunRecord, accepted: int) -> list[
     record.checks["message_states"] = states
     if states.get("received"):
         record.problems.append(f"{states['received']} messages never processed")
-    outbox = d.cli.outbox()
     ostates: dict[str, int] = {}
     for r in outbox:
         ostates[r.get("state", "?")] = ostates.get(r.get("state", "?"), 0) + 1
     record.checks["outbox_states"] = ostates
     if ostates.get("failed"):
         record.problems.append(f"{ostates['failed']} outbox rows failed")
+    if ostates.get("queued") or ostates.get("sending"):
+        record.problems.append(f"outbox rows not sent: {ostates}")
     return rows
 
 

@@ -219,8 +219,9 @@ def run(s: Settings) -> report.Report:
         for backend in s.backends:
             common.say(s, f"e2e: preparing {backend} ({accounts_needed(p['messages'])} accounts)")
             templates[backend] = ws.template(backend, accounts=accounts_needed(p["messages"]))
+        mixes = tuple(s.extra.get("mixes") or MIXES)
         for r in range(1, p["repeat"] + 1):
-            for mixname in MIXES:
+            for mixname in mixes:
                 for target in ("aiosmtpd", "smtp-sink"):
                     record = RunRecord(f"{mixname}-{target}-r{r}")
                     cls = baselines.AiosmtpdSink if target == "aiosmtpd" else baselines.SmtpSink
@@ -239,7 +240,7 @@ def run(s: Settings) -> report.Report:
                             common.check_daemon_state(d, record, _accepted(mixname, p))
                     records.setdefault((mixname, backend, "iqmaild"), []).append(record)
                     _progress(s, record)
-        _tables(rep, records, s)
+        _tables(rep, records, s, mixes)
     finally:
         rep.runs = [r.as_dict() for rs in records.values() for r in rs]
         rep.problems += [
@@ -264,9 +265,12 @@ def _progress(s: Settings, record: RunRecord) -> None:
 
 
 def _tables(
-    rep: report.Report, records: dict[tuple[str, str, str], list[RunRecord]], s: Settings
+    rep: report.Report,
+    records: dict[tuple[str, str, str], list[RunRecord]],
+    s: Settings,
+    mixes: tuple[str, ...] = MIXES,
 ) -> None:
-    for mixname in MIXES:
+    for mixname in mixes:
         base = report.median(
             [
                 r.values["rate"]

@@ -41,7 +41,7 @@ def params(s: Settings) -> dict[str, Any]:
             "paced_min": 10,
             "paced_max": 20,
             "clicks": 5,
-            "click_rate": 5.0,
+            "click_rate": 10.0,
             "sessions": 5,
         }
     else:
