@@ -1,9 +1,15 @@
 """py-spy around the daemon during the measured part, summarized by library.
 
-``python -m bench e2e --profile DIR`` records the daemon's process tree
+``python -m bench burst --profile DIR`` records the daemon's process tree
 (``--subprocesses``, non-blocking, 100 Hz) while the load runs and the backlog
 drains, writes the raw stacks to ``DIR/<label>.txt`` (collapsed format: feed it
-to flamegraph.pl or speedscope) and adds two tables to the report:
+to flamegraph.pl or speedscope; ``python -m bench.profile FILE`` prints the
+summaries) and adds two tables to the report.
+
+Only samples of threads that hold the GIL are kept (``--gil``): that is the
+daemon's Python CPU. Idle waits (epoll, the aiosqlite thread's queue) are thus
+left out (py-spy's own idle detection does not work on this VM), and so is work
+done without the GIL: SQLite's C code, fsync, socket I/O. The tables:
 
 - **by library**: each sample goes to the library of its innermost frame that
   belongs to a known library (SQLAlchemy, aiosqlite, email, asyncio, ...), i.e.
@@ -30,6 +36,7 @@ from bench.proc import BenchError
 
 LIBRARIES = [
     ("/sqlalchemy/", "SQLAlchemy"),
+    ("/sqlalchemy generated", "SQLAlchemy"),
     ("/aiosqlite/", "aiosqlite (incl. sqlite3 calls)"),
     ("/asyncpg/", "asyncpg"),
     ("/email/", "email (stdlib)"),
@@ -66,6 +73,7 @@ class Profiler:
             "--pid",
             str(pid),
             "--subprocesses",
+            "--gil",
             "--nonblocking",
             "--rate",
             str(rate),
@@ -94,8 +102,10 @@ class Profiler:
 
 
 def _path_of(frame: str) -> str:
+    """The file of a frame as ``/pkg/module.py`` (py-spy shortens site-packages paths)."""
     match = _FRAME.match(frame)
-    return match.group(2) if match else frame
+    path = match.group(2) if match else frame
+    return "/" + path.lstrip("</")
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -109,7 +119,7 @@ def summarize(path: Path) -> dict[str, Any]:
             continue
         count = int(count_text)
         total += count
-        frames = [_path_of(f) for f in stack.split(";")]
+        frames = [_path_of(f) for f in stack.split(";") if not f.startswith("process ")]
         library = "other (stdlib, C)"
         for frame in reversed(frames):
             found = next((name for key, name in LIBRARIES if key in frame), None)
@@ -117,7 +127,7 @@ def summarize(path: Path) -> dict[str, Any]:
                 library = found
                 break
         by_library[library] += count
-        module = "(no iqmaild frame)"
+        module = "(no iqmaild frame: SQLAlchemy greenlet or worker thread)"
         for frame in reversed(frames):
             if "/iqmaild/" in frame:
                 module = "iqmaild/" + frame.split("/iqmaild/", 1)[1]
@@ -128,3 +138,23 @@ def summarize(path: Path) -> dict[str, Any]:
         "by_library": dict(by_library.most_common()),
         "by_module": dict(by_module.most_common()),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.profile FILE``: the two summaries of a raw py-spy file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.profile")
+    parser.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    summary = summarize(args.file)
+    total = summary["samples"] or 1
+    for key in ("by_library", "by_module"):
+        print(f"\n{key} ({summary['samples']} samples)")
+        for name, n in summary[key].items():
+            print(f"  {100 * n / total:5.1f} %  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,23 +168,17 @@ def machine() -> dict[str, Any]:
             where = str(Path(spec.origin).resolve().parent.parent)
             facts["iqmaild_tree"] = where
             git = ["git", "-C", where]
-            head = subprocess.run(
-                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            dirty = subprocess.run(
-                [
-                    *git,
-                    "status",
-                    "--porcelain",
-                    "--untracked-files=no",
-                    "--",
-                    "iqmaild",
-                    "migrations",
-                    "templates",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            facts["iqmaild_commit"] = head + ("+dirty" if dirty else "")
+            daemon_paths = ["--", "iqmaild", "migrations", "templates"]
+
+            def out(*args: str) -> str:
+                done = subprocess.run([*git, *args], capture_output=True, text=True, timeout=10)
+                return done.stdout.strip()
+
+            # the last commit that changed the daemon, and whether its files differ from it
+            facts["iqmaild_commit"] = out("log", "-1", "--format=%h", *daemon_paths) + (
+                "+dirty"
+                if out("status", "--porcelain", "--untracked-files=no", *daemon_paths)
+                else ""
+            )
+            facts["tree_head"] = out("rev-parse", "--short", "HEAD")
     return facts
