@@ -156,6 +156,14 @@ def write_config(
     return path
 
 
+def import_directory(db: Backend, workdir: Path, accounts: int) -> None:
+    """``iqmaild directory import`` of ``accounts`` generated accounts."""
+    cli = Cli(write_config(workdir / "import.toml", db, 1, 2, 3, Options()))
+    path = workdir / "directory.json"
+    path.write_text(json.dumps(directory.to_json(accounts)), encoding="utf-8")
+    cli("directory", "import", str(path), timeout=3600)
+
+
 def prepare(
     workdir: Path,
     backend: str,
@@ -168,12 +176,9 @@ def prepare(
     workdir.mkdir(parents=True, exist_ok=True)
     db = new_backend(backend, workdir)
     try:
-        cli = Cli(write_config(workdir / "prepare.toml", db, 1, 2, 3, Options()))
-        cli("migrate")
+        Cli(write_config(workdir / "prepare.toml", db, 1, 2, 3, Options()))("migrate")
         if accounts:
-            path = workdir / "directory.json"
-            path.write_text(json.dumps(directory.to_json(accounts)), encoding="utf-8")
-            cli("directory", "import", str(path), timeout=3600)
+            import_directory(db, workdir, accounts)
         if bulk_accounts:
             directory.bulk_load(db, bulk_accounts, start=accounts)
     except BaseException:

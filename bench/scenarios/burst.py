@@ -33,7 +33,7 @@ NAME = "burst"
 
 def params(s: Settings) -> dict[str, Any]:
     return {
-        "messages": s.extra.get("messages") or (40 if s.short else 2000),
+        "messages": s.extra.get("messages") or (24 if s.short else 2000),
         "sessions": s.extra.get("sessions") or (10 if s.short else 50),
         "size": 2048,
         "repeat": s.repeats(3),

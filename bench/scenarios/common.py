@@ -74,11 +74,15 @@ class Workspace:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+_STARTED = time.monotonic()
+
+
 def say(settings: Settings, text: str) -> None:
+    """Progress on stderr, with the seconds since the benchmark started."""
     if settings.verbose:
         import sys
 
-        print(text, file=sys.stderr, flush=True)
+        print(f"[{time.monotonic() - _STARTED:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

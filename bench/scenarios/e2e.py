@@ -39,7 +39,7 @@ MIXES = ("new", "mix")
 
 def params(s: Settings) -> dict[str, Any]:
     p = {
-        "messages": 40 if s.short else 1000,
+        "messages": 24 if s.short else 1000,
         "sessions": 5 if s.short else 20,
         "size": 2048,
         "repeat": s.repeats(3),

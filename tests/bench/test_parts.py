@@ -156,14 +156,18 @@ def test_bulk_loader_writes_what_the_cli_import_writes(tmp_path: Path, backend: 
     """The directory-scale scenario's loader must stay equal to ``directory import``."""
     if backend == "postgres" and (why := postgres_available()):
         pytest.skip(why)
-    via_cli = daemon.prepare(tmp_path / "cli", backend, accounts=24)
-    via_sql = daemon.prepare(tmp_path / "sql", backend, bulk_accounts=24)
+    template = daemon.prepare(tmp_path / "template", backend)  # migrated, empty
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "sql").mkdir()
+    via_cli, via_sql = template.clone(tmp_path / "cli"), template.clone(tmp_path / "sql")
     try:
-        assert directory.dump(via_cli) == directory.dump(via_sql)
-        assert sum(
-            len(v) for k, v in directory.dump(via_sql).items() if k in ("addresses", "shares")
-        ) == directory.address_count(24)
+        daemon.import_directory(via_cli, tmp_path / "cli", 24)
+        directory.bulk_load(via_sql, 24)
+        rows = directory.dump(via_sql)
+        assert directory.dump(via_cli) == rows
+        assert len(rows["addresses"]) + len(rows["shares"]) == directory.address_count(24)
+        assert {r[2] for r in rows["addresses"]} == {"primary", "technical", "additional"}
     finally:
-        for db in (via_cli, via_sql):
+        for db in (template, via_cli, via_sql):
             if not isinstance(db, SqliteBackend):
                 db.drop()
