@@ -100,6 +100,13 @@ def daemon_run(
             try:
                 d.start()
                 yield d, relay, record
+            except Exception as exc:  # a broken run is a FAILED run, not a lost report
+                import traceback
+
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                record.problems.append(
+                    f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
+                )
             finally:
                 exit_info = d.stop()
                 record.checks["daemon_exit"] = exit_info

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from typing import Any
 
 from bench import baselines, expect, mail, report
@@ -126,6 +127,39 @@ def expect_mix(ledger: expect.Ledger, kinds: dict[str, str]) -> None:
             ledger.reply(key, expect.NOTICE)
 
 
+def check_ticket(
+    d: dmn.Daemon,
+    record: RunRecord,
+    ticket: common.Ticket,
+    messages: list[Outgoing],
+) -> None:
+    """``iqmaild ticket show N --json`` of the first clicked ticket: authorized, the
+    opening message and every follow-up with its code authorized, the reply that lost
+    its tag filed under it as unauthorized."""
+    c = shape(len(messages))  # mix_messages: tagged i -> clicked[i % clicked], threadref i -> i
+    tagged = len(range(0, c["tagged"], c["clicked"]))
+    threadref = 1 if c["threadref"] else 0
+    try:
+        shown = d.cli.ticket(ticket.number)
+        decisions = [m.get("decision") for m in shown["messages"]]
+        authorization = shown["authorization"]
+    except (KeyError, TypeError, ValueError) as exc:
+        record.problems.append(f"ticket show {ticket.number} --json: unexpected shape: {exc!r}")
+        return
+    record.checks["ticket_show"] = {
+        "number": ticket.number,
+        "authorization": authorization,
+        "decisions": dict(Counter(decisions)),
+    }
+    want = {"authorized": 1 + tagged, "unauthorized": threadref}
+    got = {k: decisions.count(k) for k in want}
+    if authorization != "authorized" or got != want or len(decisions) != 1 + tagged + threadref:
+        record.problems.append(
+            f"ticket {ticket.number}: authorization {authorization!r}, decisions "
+            f"{dict(Counter(decisions))}, expected authorized and {want}"
+        )
+
+
 def placeholder_tickets(n: int) -> list[common.Ticket]:
     """Stand-ins for the baselines, which have no daemon to open tickets."""
     c = shape(n)
@@ -184,6 +218,8 @@ async def _measure_daemon(
             cpu_ms_per_message=1000 * (cpu1 - cpu0) / n,
             outbound=sum(1 for w in ledger.wants if w.met),
         )
+    if mixname == "mix" and done:
+        await asyncio.to_thread(check_ticket, d, record, tickets[0], messages)
     record.checks["relay_counts"] = dict(ledger.counts)
     record.checks["kinds"] = {k: list(kinds.values()).count(k) for k in set(kinds.values())}
 

@@ -96,6 +96,7 @@ def test_e2e() -> None:
     assert counts["auth_request"] == kinds["new"]
     assert counts["notice"] == kinds["threadref"] + kinds["unknown"]
     assert mix["checks"]["message_states"]["processed"] > n  # plus the setup's tickets
+    assert mix["checks"]["ticket_show"]["authorization"] == "authorized"  # ticket show --json
     assert report["results"]["new_sqlite_vs_aiosmtpd"] > 0
 
 
