@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gc1", action="store_true", help="ingest: also iqmaild with smtp.group_commit_max = 1"
     )
+    p.add_argument(
+        "--load",
+        choices=["client", "smtp-source"],
+        help="ingest: the load generator (default: the asyncio client, which declares SIZE "
+        "as Postfix does; smtp-source never does)",
+    )
     p.add_argument("--log-level", default="info", help="the daemon's logging.level (info)")
     p.add_argument(
         "--idle-close",
@@ -85,6 +91,7 @@ def settings(args: argparse.Namespace, scenario: str) -> Settings:
         "sessions": args.sessions,
         "mixes": args.mix,
         "gc1": args.gc1,
+        "load": args.load,
     }
     if args.sizes:
         extra["sizes"] = [int(x) for x in args.sizes.split(",")]
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = doc["machine"]
     print(
         f"{machine['date']}; {machine['nproc']} CPUs, load {machine.get('loadavg')}; iqmaild "
-        f"{machine.get('iqmaild_commit', '?')} from {machine.get('iqmaild_tree', '?')}",
+        f"{machine.get('iqmaild_commit', '')} from {machine.get('iqmaild_from', '?')}",
         file=out,
     )
     text = json.dumps(doc, indent=1, default=str)

@@ -161,24 +161,35 @@ def machine() -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 facts[package] = version(package)
     with contextlib.suppress(Exception):
-        import importlib.util
-
-        spec = importlib.util.find_spec("iqmaild")  # where the measured daemon comes from
-        if spec is not None and spec.origin:
-            where = str(Path(spec.origin).resolve().parent.parent)
-            facts["iqmaild_tree"] = where
-            git = ["git", "-C", where]
-            daemon_paths = ["--", "iqmaild", "migrations", "templates"]
-
-            def out(*args: str) -> str:
-                done = subprocess.run([*git, *args], capture_output=True, text=True, timeout=10)
-                return done.stdout.strip()
-
-            # the last commit that changed the daemon, and whether its files differ from it
-            facts["iqmaild_commit"] = out("log", "-1", "--format=%h", *daemon_paths) + (
-                "+dirty"
-                if out("status", "--porcelain", "--untracked-files=no", *daemon_paths)
-                else ""
-            )
-            facts["tree_head"] = out("rev-parse", "--short", "HEAD")
+        facts.update(daemon_source())
     return facts
+
+
+def daemon_source() -> dict[str, Any]:
+    """Where the measured ``iqmaild`` was installed from (pip's direct_url.json), and for a
+    git checkout the last commit that changed the daemon (+dirty if its files differ)."""
+    import json
+    from importlib.metadata import distribution
+    from urllib.parse import urlparse
+
+    info = json.loads(distribution("iqmaild").read_text("direct_url.json") or "{}")
+    url = info.get("url", "")
+    out: dict[str, Any] = {
+        "iqmaild_from": url + (" (editable)" if info.get("dir_info", {}).get("editable") else "")
+    }
+    where = urlparse(url).path if url.startswith("file://") else ""
+    if not where or not (Path(where) / ".git").exists():
+        return out
+    git = ["git", "-C", where]
+    daemon_paths = ["--", "iqmaild", "migrations", "templates"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*git, *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip()
+
+    dirty = run("status", "--porcelain", "--untracked-files=no", *daemon_paths)
+    out["iqmaild_commit"] = run("log", "-1", "--format=%h", *daemon_paths) + (
+        "+dirty" if dirty else ""
+    )
+    out["tree_head"] = run("rev-parse", "--short", "HEAD")
+    return out
