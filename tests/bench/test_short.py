@@ -27,8 +27,7 @@ def _tools_missing() -> str | None:
     from bench.proc import MissingTool, find_tool
 
     try:
-        find_tool("smtp-source")
-        find_tool("smtp-sink")
+        find_tool("smtp-sink")  # smtp-source only for --load smtp-source
     except MissingTool as exc:
         return str(exc)
     return None
