@@ -364,6 +364,19 @@ class Relay:
                 return False
             await asyncio.sleep(poll)
 
+    async def settle(
+        self, on_new: Callable[[list[Captured]], None], quiet: float = 2.0, limit: float = 30.0
+    ) -> None:
+        """Feed new mail until none arrived for ``quiet`` seconds (at most ``limit``)."""
+        deadline = time.monotonic() + limit
+        last = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last < quiet:
+            new = self.read_new()
+            if new:
+                on_new(new)
+                last = time.monotonic()
+            await asyncio.sleep(0.05)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__)

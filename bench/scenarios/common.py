@@ -188,7 +188,13 @@ def check_daemon_state(d: dmn.Daemon, record: RunRecord, accepted: int) -> list[
 
 
 async def wait_for(relay: Relay, ledger: expect.Ledger, timeout: float) -> bool:
-    return await relay.wait_until(ledger.done, timeout, ledger.feed)
+    """Until every required mail arrived; then, if optional mail is still open, until
+    the relay has been quiet for 2 s (that only bounds how long we look, not the time
+    measured, which is the last arrival)."""
+    done = await relay.wait_until(ledger.done, timeout, ledger.feed)
+    if done and ledger.optional_open():
+        await relay.settle(ledger.feed)
+    return done
 
 
 # ---------------------------------------------------------------------------

@@ -94,6 +94,7 @@ def test_ledger_matches_expected_mail_and_names_what_is_missing() -> None:
     ledger.staff_copy("m2@c", "unauthorized")
     ledger.reply("m2@c", expect.NOTICE)
     ledger.acknowledgement("owner@x", 12, after=5.0)
+    ledger.reply("m3@c", expect.NOTICE, required=False)  # may be capped: never waited for
     staff1 = captured(
         b"X-IQ-Authorization: pending\r\nMessage-ID: <m1@c>\r\n\r\n", ["staff@desk.test"]
     )
@@ -118,6 +119,7 @@ def test_ledger_matches_expected_mail_and_names_what_is_missing() -> None:
     )
     ledger.feed([ack, notice, staff2])
     assert ledger.done() and ledger.problems() == []
+    assert ledger.optional_counts() == (0, 1) and ledger.optional_open() == 1
     assert ledger.last_arrival() == 8.0
     assert ledger.arrivals(expect.AUTH) == [2.0]
 
