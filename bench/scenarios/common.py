@@ -52,6 +52,7 @@ class Workspace:
         self.root = Path(tempfile.mkdtemp(prefix=f"iqbench-{scenario}-"))
         self.keep = keep
         self.templates: list[Backend] = []
+        self.kept_databases: list[str] = []
         self._n = 0
 
     def run_dir(self, label: str) -> Path:
@@ -64,6 +65,22 @@ class Workspace:
         db = dmn.prepare(self.root / f"template-{backend}-{len(self.templates)}", backend, **kw)
         self.templates.append(db)
         return db
+
+    def release(self, db: Backend, keep: bool) -> None:
+        """Drop a run's PostgreSQL copy, unless it is kept to look at (failure, --keep)."""
+        if db.name != "postgres":
+            return
+        if keep or self.keep:
+            self.kept_databases.append(getattr(db, "database", "?"))
+            return
+        with contextlib.suppress(Exception):
+            db.drop()
+
+    def kept_note(self) -> str:
+        note = f"work directory kept: {self.root}"
+        if self.kept_databases:
+            note += "; PostgreSQL databases kept: " + ", ".join(self.kept_databases)
+        return note
 
     def close(self, ok: bool) -> None:
         for db in self.templates:
@@ -122,9 +139,7 @@ def daemon_run(
                     )
                 record.checks["relay_cpu_seconds"] = round(relay.cpu_seconds(), 2)
     finally:
-        if not record.problems and db.name == "postgres" and not ws.keep:
-            with contextlib.suppress(Exception):
-                db.drop()
+        ws.release(db, keep=bool(record.problems))
 
 
 @dataclass

@@ -287,7 +287,7 @@ def run(s: Settings) -> report.Report:
         ]
         ws.close(rep.ok)
         if not rep.ok:
-            rep.notes.append(f"work directory kept: {ws.root}")
+            rep.notes.append(ws.kept_note())
     return rep
 
 

@@ -103,27 +103,32 @@ def _measure_daemon(
     run_dir = ws.run_dir(label)
     db = template.clone(run_dir)
     record.workdir = str(run_dir)
-    with baselines.SmtpSink() as relay:
-        d = dmn.Daemon(run_dir, db, relay.port, options)
-        try:
-            d.start()
-            cpu0 = d.cpu_seconds()
-            result = drive(d.smtp_port, size, n, p)
-            record.values["cpu_seconds"] = d.cpu_seconds() - cpu0
-            _store(result, record)
-        finally:
-            exit_info = d.stop()
-    record.checks["daemon_exit"] = exit_info
-    if exit_info.get("status") != 0:
-        record.problems.append(f"iqmaild serve exited {exit_info.get('status')} on SIGTERM")
-    if exit_info.get("error_lines"):
-        record.problems.append(f"{exit_info['error_lines']} error lines in the daemon log")
-    rows, problems = dmn.check_stored(d.cli, result.accepted)
-    record.problems += problems
-    record.checks["stored"] = len(rows)
-    record.checks["classified_during_load"] = sum(1 for r in rows if r.get("state") == "processed")
-    if not record.problems and db.name == "postgres" and not ws.keep:
-        db.drop()
+    ok = False
+    try:
+        with baselines.SmtpSink() as relay:
+            d = dmn.Daemon(run_dir, db, relay.port, options)
+            try:
+                d.start()
+                cpu0 = d.cpu_seconds()
+                result = drive(d.smtp_port, size, n, p)
+                record.values["cpu_seconds"] = d.cpu_seconds() - cpu0
+                _store(result, record)
+            finally:
+                exit_info = d.stop()
+        record.checks["daemon_exit"] = exit_info
+        if exit_info.get("status") != 0:
+            record.problems.append(f"iqmaild serve exited {exit_info.get('status')} on SIGTERM")
+        if exit_info.get("error_lines"):
+            record.problems.append(f"{exit_info['error_lines']} error lines in the daemon log")
+        rows, problems = dmn.check_stored(d.cli, result.accepted)
+        record.problems += problems
+        record.checks["stored"] = len(rows)
+        record.checks["classified_during_load"] = sum(
+            1 for r in rows if r.get("state") == "processed"
+        )
+        ok = not record.problems
+    finally:
+        ws.release(db, keep=not ok)
 
 
 def targets(s: Settings, p: dict[str, Any]) -> list[tuple[str, str]]:
@@ -198,7 +203,7 @@ def run(s: Settings) -> report.Report:
         ]
         ws.close(rep.ok)
         if not rep.ok:
-            rep.notes.append(f"work directory kept: {ws.root}")
+            rep.notes.append(ws.kept_note())
     rep.notes.append(
         "server CPU: the server's process tree during the load, as a share of one core. "
         "Target: iqmaild >= 0.8× the bare aiosmtpd sink."
