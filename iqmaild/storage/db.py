@@ -3,8 +3,9 @@
 SQLite runs in WAL with ``synchronous=FULL`` (NORMAL can lose a committed row on
 power loss, and we answer 250 after the commit). Write transactions start with
 ``BEGIN IMMEDIATE`` so that a writer never has to upgrade a read lock, and are
-serialized inside the process by an asyncio lock; reads run on their own
-engine with a deferred BEGIN. PostgreSQL needs none of this.
+serialized inside the process by an asyncio lock and across processes (intake,
+the worker, the CLI) by `WriteTurns`; reads run on their own engine with a
+deferred BEGIN. PostgreSQL needs none of this.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import mmap
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -131,6 +133,89 @@ class InstanceLock:
             self.fd = None
 
 
+class WriteTurns:
+    """Whose turn it is to write one SQLite file, across the processes that share it.
+
+    SQLite's own busy handler sleeps up to 100 ms between tries, and cannot tell
+    intake (an MTA waiting for its 250) from background work: a worker in another
+    process would keep the 250s waiting. Writers take an ``flock`` on
+    ``<file>.write`` (tried every millisecond or so), and intake raises a flag in
+    that file's first byte while it waits, which background writers elsewhere
+    honour as they do intake in their own process.
+    """
+
+    WAIT_SECONDS = 15.0  # as long as SQLite's busy_timeout; then the caller answers 451
+
+    def __init__(self, database: str) -> None:
+        self.path = Path(f"{database}.write")
+        self.fd: int | None = None
+        self.flag: mmap.mmap | None = None
+        self.held = False
+
+    def _open(self) -> bool:
+        if self.fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        except OSError:
+            return False  # no place for it: SQLite's busy handler still serializes
+        try:
+            if os.fstat(fd).st_size < 1:
+                os.pwrite(fd, b"\0", 0)
+            self.flag = mmap.mmap(fd, 1)
+        except (OSError, ValueError):
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def ask(self, waiting: bool) -> None:
+        """Intake waits (True) or no longer does (False)."""
+        if self._open() and self.flag is not None:
+            self.flag[0] = 1 if waiting else 0
+
+    def asked(self) -> bool:
+        """Intake in some process waits for its turn."""
+        return self._open() and self.flag is not None and self.flag[0] == 1
+
+    async def take(self, urgent: bool) -> None:
+        if not self._open() or self.fd is None:
+            return
+        delay, ceiling, waited = 0.0002, (0.001 if urgent else 0.004), 0.0
+        while True:  # the wait is bounded by the sleeps' sum (no clock read here)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.held = True
+                return
+            except BlockingIOError:
+                if waited > self.WAIT_SECONDS:
+                    raise TimeoutError(f"{self.path} held by another process") from None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, ceiling)
+
+    def give(self) -> None:
+        if self.held and self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.held = False
+
+    async def wait_unasked(self, seconds: float) -> None:
+        """Step aside while intake elsewhere waits, for at most ``seconds``."""
+        for _ in range(max(1, int(seconds / 0.001))):
+            if not self.asked():
+                return
+            await asyncio.sleep(0.001)
+
+    def close(self) -> None:
+        self.give()
+        if self.flag is not None:
+            self.flag.close()
+            self.flag = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Database:
     def __init__(self, url: str, pool_size: int = 5, echo: bool = False) -> None:
         self.url = url
@@ -161,6 +246,9 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        database = make_url(url).database if self.is_sqlite else None
+        file_backed = bool(database) and database != ":memory:" and not database.startswith("file:")
+        self._turns = WriteTurns(database) if file_backed and database else None
         # Intake (the 250s the MTA waits for) goes before background writers.
         self._urgent_waiting = 0
         self._no_urgent = asyncio.Event()
@@ -173,41 +261,75 @@ class Database:
         """A write transaction, committed when the block ends without error.
 
         On SQLite writes are serialized; intake (the 250s the MTA waits for) is
-        served before the others, which step aside a bounded number of times.
+        served before the others, in this process and in the others sharing the
+        file, which step aside a bounded number of times.
         """
-        urgent = priority == "intake"
         if self._write_lock is None:
             async with self.sessions() as session, session.begin():
                 yield session
             return
-        if urgent:
-            self._urgent_waiting += 1
-            self._no_urgent.clear()
-            try:
-                await self._write_lock.acquire()
-            finally:
-                self._urgent_waiting -= 1
-                if not self._urgent_waiting:
-                    self._no_urgent.set()
-        else:
-            limit = MAX_YIELDS[priority]
-            for yielded in range(limit + 1):
-                if yielded < limit and not self._no_urgent.is_set():
-                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
-                    # cancellation that arrives as the event fires (a task then
-                    # survives Daemon.stop()).
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(YIELD_SECONDS):
-                            await self._no_urgent.wait()
-                await self._write_lock.acquire()
-                if not self._urgent_waiting or yielded == limit:
-                    break  # bounded: under sustained intake the others still get turns
-                self._write_lock.release()  # an intake batch came in meanwhile: let it go first
+        await self._take_turn(priority)
         try:
             async with self.sessions() as session, session.begin():
                 yield session
         finally:
-            self._write_lock.release()
+            self._give_turn()
+
+    def _intake_elsewhere(self) -> bool:
+        return self._turns is not None and self._turns.asked() and not self._urgent_waiting
+
+    async def _take_turn(self, priority: Literal["intake", "normal", "background"]) -> None:
+        assert self._write_lock is not None
+        turns = self._turns
+        if priority == "intake":
+            self._urgent_waiting += 1
+            self._no_urgent.clear()
+            if turns is not None:
+                turns.ask(True)
+            try:
+                await self._write_lock.acquire()
+                try:
+                    if turns is not None:
+                        await turns.take(urgent=True)
+                except BaseException:
+                    self._write_lock.release()
+                    raise
+            finally:
+                self._urgent_waiting -= 1
+                if not self._urgent_waiting:
+                    self._no_urgent.set()
+                    if turns is not None:
+                        turns.ask(False)
+            return
+        limit = MAX_YIELDS[priority]
+        for yielded in range(limit + 1):
+            last = yielded == limit
+            if not last and not self._no_urgent.is_set():
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+                # cancellation that arrives as the event fires (a task then
+                # survives Daemon.stop()).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(YIELD_SECONDS):
+                        await self._no_urgent.wait()
+            elif not last and turns is not None and self._intake_elsewhere():
+                await turns.wait_unasked(YIELD_SECONDS)
+            await self._write_lock.acquire()
+            if not last and (self._urgent_waiting or self._intake_elsewhere()):
+                self._write_lock.release()  # intake came in meanwhile: let it go first
+                continue
+            try:
+                if turns is not None:
+                    await turns.take(urgent=False)
+            except BaseException:
+                self._write_lock.release()
+                raise
+            return
+
+    def _give_turn(self) -> None:
+        if self._turns is not None:
+            self._turns.give()
+        assert self._write_lock is not None
+        self._write_lock.release()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -224,6 +346,8 @@ class Database:
             return False
 
     async def dispose(self) -> None:
+        if self._turns is not None:
+            self._turns.close()
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
