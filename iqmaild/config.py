@@ -236,6 +236,9 @@ class ProcessingConfig(_Section):
     lease_seconds: float = Field(default=60.0, ge=10)
     # Mail queued by another process (the CLI, another instance) is seen this soon.
     poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    # The worker's CPU priority below intake's (nice increment): when the cores are
+    # busy, the 250s the MTA waits for go first and the backlog waits, durably.
+    worker_nice: int = Field(default=10, ge=0, le=19)
 
 
 class TemplatesConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 
@@ -27,6 +28,8 @@ async def main() -> int:
     if not first:
         return 0
     config = Config.model_validate_json(first)
+    with contextlib.suppress(OSError):  # intake first on the CPU too
+        os.nice(config.processing.worker_nice)
     logs.configure(config.logging.level)
     log = logs.get("iqmaild.worker")
     parts = build(config, log)

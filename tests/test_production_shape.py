@@ -69,3 +69,16 @@ async def test_mail_queued_by_the_cli_leaves_without_a_wake_up(live: Harness) ->
         assert ticket is not None
     await reissue_link(live.config, live.db, ticket.number)
     await arrival(live, 3)
+
+
+async def test_the_worker_runs_below_intake_on_the_cpu(live: Harness) -> None:
+    """When the cores are busy, the 250s the MTA waits for go first."""
+    import os
+
+    supervisor = live.daemon.worker
+    assert supervisor is not None and supervisor.proc is not None
+    await live.send(subject="Priorytet")
+    await arrival(live, 2)  # the worker is up and working
+    worker = supervisor.proc.pid
+    nice = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice - os.nice(0) == live.config.processing.worker_nice == 10
