@@ -11,7 +11,7 @@ from pathlib import Path
 from bench import report
 from bench.backends import postgres_available
 from bench.proc import BenchError, MissingTool
-from bench.scenarios import SCENARIOS
+from bench.scenarios import NOT_IN_ALL, SCENARIOS
 from bench.scenarios.common import Settings
 
 
@@ -112,7 +112,9 @@ def settings(args: argparse.Namespace, scenario: str) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = (
+        [n for n in SCENARIOS if n not in NOT_IN_ALL] if args.scenario == "all" else [args.scenario]
+    )
     out = sys.stderr if args.json else sys.stdout
     reports = []
     started = time.monotonic()

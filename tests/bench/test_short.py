@@ -133,6 +133,15 @@ def test_scale() -> None:
         assert_all_processed_and_sent(r, r["checks"]["accepted"])
 
 
+def test_soak() -> None:
+    report = run_bench("soak")
+    (run,) = daemon_runs(report)
+    chunks = run["values"]["chunks"]
+    assert [c["processed"] for c in chunks] == [20, 40, 60]
+    assert all(c["tree_kib"] > c["main_kib"] > 0 for c in chunks)  # the worker counted too
+    assert report["results"]["sqlite_rss_growth"] is not None
+
+
 @pytest.mark.postgres
 def test_postgres_mix() -> None:
     """The PostgreSQL path (throwaway database, template copies, drop) once: the mix,
