@@ -1,1 +1,1 @@
-"""classify."""
+"""Stage 4, classify: claim stored messages in batches, parse, ask the rules, plan."""

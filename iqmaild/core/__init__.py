@@ -1,0 +1,1 @@
+"""Stage 5, the rules: pure and synchronous (no I/O, no clock); everything else adapts."""

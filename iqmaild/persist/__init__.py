@@ -1,1 +1,1 @@
-"""persist."""
+"""Stage 2, persist: raw mail committed durably before the 250, many per commit."""

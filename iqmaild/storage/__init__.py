@@ -1,0 +1,1 @@
+"""Storage used by every stage: schema, migrations, the database handle, the directory."""

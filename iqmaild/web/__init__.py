@@ -1,0 +1,1 @@
+"""HTTP: the authorization link pages, health, metrics and the Customer Panel API."""
