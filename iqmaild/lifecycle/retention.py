@@ -14,8 +14,9 @@ Purging keeps the claims record and nothing personal:
 - message: ``raw_sha256``, dates, channel, state, decision, reasons, rules,
   sender role; raw bytes, envelope, headers, subject, From, Message-ID (now
   ``purged:<id>``) and errors are cleared;
-- outbox row: kind, state, dates, and ``content_sha256`` of what was sent;
-  content, recipient and errors are cleared (rows still queued are left alone);
+- outbox row: kind, state, dates, and ``content_sha256`` of what was sent
+  (taken when it was queued: the content itself is dropped once the relay took
+  it); recipient, content and errors are cleared (rows still queued are left alone);
 - audit event: its personal keys are removed (``core.retention.PERSONAL_KEYS``);
 - authorization link: the address it was sent to is cleared.
 """
@@ -116,7 +117,7 @@ def message_due(cut: datetime) -> Any:
 
 def outbox_due(cut: datetime) -> Any:
     return and_(
-        OutboxItem.content_sha256.is_(None),
+        OutboxItem.purged_at.is_(None),
         OutboxItem.state.in_(FINISHED_MAIL),
         or_(
             and_(OutboxItem.ticket_id.is_(None), OutboxItem.created_at < cut),
@@ -180,7 +181,7 @@ def _rules(c: Cutoffs, now: datetime) -> dict[str, tuple[Any, Any]]:
             OutboxItem.id,
             and_(
                 OutboxItem.created_at < c.claims,
-                or_(OutboxItem.content_sha256.is_not(None), outbox_due(c.personal)),
+                or_(OutboxItem.purged_at.is_not(None), outbox_due(c.personal)),
             ),
         ),
         "expired_tickets": (Ticket.id, _expired_ticket(c)),
@@ -239,13 +240,14 @@ async def purge_messages(session: AsyncSession, ids: list[int], now: datetime) -
 
 
 async def purge_outbox(session: AsyncSession, ids: list[int], now: datetime) -> int:
-    """Blank finished rows, keeping a SHA-256 of what they sent (hashed here: portable)."""
+    """Blank rows, keeping the SHA-256 of what they sent (taken when they were queued;
+    for older rows here, from what content is left)."""
     if not ids:
         return 0
     rows = list(
         await session.execute(
-            select(OutboxItem.id, OutboxItem.content).where(
-                OutboxItem.id.in_(ids), OutboxItem.content_sha256.is_(None)
+            select(OutboxItem.id, OutboxItem.content_sha256, OutboxItem.content).where(
+                OutboxItem.id.in_(ids), OutboxItem.purged_at.is_(None)
             )
         )
     )
@@ -260,8 +262,15 @@ async def purge_outbox(session: AsyncSession, ids: list[int], now: datetime) -> 
             recipient="",
             last_error=None,
             content_sha256=bindparam("b_sha"),
+            purged_at=now,
         ),
-        [{"b_id": i, "b_sha": hashlib.sha256(content or b"").hexdigest()} for i, content in rows],
+        [
+            {
+                "b_id": i,
+                "b_sha": sha or (hashlib.sha256(content).hexdigest() if content else None),
+            }
+            for i, sha, content in rows
+        ],
     )
     return len(rows)
 
@@ -271,8 +280,11 @@ async def purge_audit(
     ids: list[int],
     now: datetime,
     clean: Callable[[dict[str, Any]], dict[str, Any]] = strip_personal,
+    *,
+    mark: bool = True,
 ) -> int:
-    """Take the personal details out of audit events; they are never looked at again."""
+    """Take the personal details out of audit events; marked ones are never looked at
+    again (``mark=False``: retention still takes the rest later)."""
     if not ids:
         return 0
     rows = list(
@@ -282,7 +294,7 @@ async def purge_audit(
     await session.execute(
         update(table)
         .where(table.c.id == bindparam("b_id"))
-        .values(data=bindparam("b_data"), purged_at=now),
+        .values(data=bindparam("b_data"), **({"purged_at": now} if mark else {})),
         [{"b_id": i, "b_data": clean(dict(data or {}))} for i, data in rows],
     )
     return len(rows)

@@ -257,9 +257,10 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Staff got a copy of a report about this row: never a second one.
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # Set when retention or erasure blanks content and recipient: what was sent,
-    # as a hash for claims.
+    # What was sent, as a hash for claims (set when the row is queued).
     content_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Retention or erasure blanked recipient and content.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Suppression(Base):

@@ -23,6 +23,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('purged_at', sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.add_column(sa.Column('content_sha256', sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column('purged_at', sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.add_column(sa.Column('purged_at', sa.DateTime(timezone=True), nullable=True))
 
@@ -31,6 +32,7 @@ def downgrade() -> None:
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.drop_column('purged_at')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.drop_column('purged_at')
         batch_op.drop_column('content_sha256')
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_column('purged_at')
