@@ -49,7 +49,7 @@ from iqmaild.storage.models import (
     Ticket,
 )
 
-SCAN_PAGE = 500
+SCAN_PAGE = 50  # messages read per query while looking for an address (raw bytes)
 
 
 def subject_address(value: str) -> str:

@@ -246,13 +246,21 @@ async def purge_outbox(session: AsyncSession, ids: list[int], now: datetime) -> 
         return 0
     rows = list(
         await session.execute(
-            select(OutboxItem.id, OutboxItem.content_sha256, OutboxItem.content).where(
+            select(OutboxItem.id, OutboxItem.content_sha256).where(
                 OutboxItem.id.in_(ids), OutboxItem.purged_at.is_(None)
             )
         )
     )
     if not rows:
         return 0
+    params = []
+    for row_id, sha in rows:
+        if sha is None:  # one content at a time: a failed row may hold a large mail
+            content = await session.scalar(
+                select(OutboxItem.content).where(OutboxItem.id == row_id)
+            )
+            sha = hashlib.sha256(content).hexdigest() if content else None
+        params.append({"b_id": row_id, "b_sha": sha})
     table = OutboxItem.__table__
     await session.execute(
         update(table)
@@ -264,13 +272,7 @@ async def purge_outbox(session: AsyncSession, ids: list[int], now: datetime) -> 
             content_sha256=bindparam("b_sha"),
             purged_at=now,
         ),
-        [
-            {
-                "b_id": i,
-                "b_sha": sha or (hashlib.sha256(content).hexdigest() if content else None),
-            }
-            for i, sha, content in rows
-        ],
+        params,
     )
     return len(rows)
 

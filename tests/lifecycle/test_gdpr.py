@@ -9,6 +9,7 @@ the database, and when it writes again it is simply unknown.
 from __future__ import annotations
 
 import email
+import getpass
 import json
 import subprocess
 import sys
@@ -167,3 +168,8 @@ async def test_bad_address_and_unknown_address(desk: Harness, tmp_path: Path) ->
     assert bad.returncode != 0 and "not an email address" in bad.stderr
     nobody = json.loads(iq(conf, "gdpr", "erase", "nobody@nowhere.test", "--json").stdout)
     assert set(nobody["counts"].values()) == {0}
+    async with desk.db.read() as session:
+        table = Base.metadata.tables["audit_events"]
+        rows = list(await session.execute(select(table).where(table.c.event == "gdpr.erase")))
+    assert [r.actor for r in rows] == [f"cli:{getpass.getuser()}"]  # who: the OS user
+    assert "nowhere" not in json.dumps(rows[0].data)

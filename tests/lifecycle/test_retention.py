@@ -8,6 +8,7 @@ security events go after two years, the claims record after six.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,3 +228,40 @@ async def test_the_daemon_runs_retention_daily_by_itself(
     assert daemon.retention.last_counts is not None
     assert daemon.retention.last_counts["security_events"] == 1
     assert not daemon.tasks[-1].done()
+
+
+async def test_a_row_queued_before_hashes_gets_one_from_its_content(desk: Harness) -> None:
+    """Rows from before migration 0005 carry no hash: purging takes it from what is left."""
+    h = desk
+    now = h.clock.now()
+    content = b"Subject: x\r\n\r\nfailed mail to a stranger\r\n"
+    async with h.db.transaction() as session:
+        row = OutboxItem(
+            kind="refusal",
+            mail_from="bok@desk.test",
+            recipient="stranger@nowhere.test",
+            content=content,
+            state="failed",
+            next_attempt_at=now,
+            created_at=now,
+            last_error="550 no such user stranger@nowhere.test",
+        )
+        queued = OutboxItem(
+            kind="refusal",
+            mail_from="bok@desk.test",
+            recipient="late@nowhere.test",
+            content=content,
+            state="queued",
+            next_attempt_at=now,
+            created_at=now,
+        )
+        session.add_all([row, queued])
+    h.advance(100 * DAY)
+    assert (await h.daemon.retention.run())["outbox"] == 1
+    async with h.db.read() as session:
+        purged = await session.get(OutboxItem, row.id)
+        waiting = await session.get(OutboxItem, queued.id)
+    assert purged is not None and waiting is not None
+    assert purged.content_sha256 == hashlib.sha256(content).hexdigest()
+    assert (purged.content, purged.recipient, purged.last_error) == (b"", "", None)
+    assert waiting.content == content and waiting.purged_at is None  # still to be sent
