@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from iqmaild.core.addresses import normalize, split_extension
+from iqmaild.core.retention import Periods
 
 ENV_VAR = "IQMAILD_CONFIG"
 DEFAULT_PATH = Path("/etc/iqmaild/iqmaild.toml")
@@ -249,6 +250,34 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class RetentionConfig(_Section):
+    """The seed's RODO/GDPR periods as defaults (README, "Data retention and GDPR")."""
+
+    # Personal data of the correspondence, after its communication ended.
+    personal_data_months: int = Field(default=3, ge=1, le=120)
+    # The minimal claims record (numbers, dates, decisions, hashes).
+    claims_years: int = Field(default=6, ge=1, le=30)
+    # Security events (authorization attempts, link confirmations, refused mail).
+    security_years: int = Field(default=2, ge=1, le=30)
+    # Rows per transaction of a run.
+    batch_size: int = Field(default=200, ge=1, le=10000)
+    # The daemon runs retention by itself once a day.
+    daily: bool = True
+
+    @model_validator(mode="after")
+    def _claims_outlive_personal_data(self) -> RetentionConfig:
+        if self.claims_years * 12 < self.personal_data_months:
+            raise ValueError(
+                "claims_years: shorter than personal_data_months (the claims record "
+                "is what remains of purged correspondence)"
+            )
+        return self
+
+    @property
+    def periods(self) -> Periods:
+        return Periods(self.personal_data_months, self.claims_years, self.security_years)
+
+
 class Config(_Section):
     database: DatabaseConfig
     smtp: SmtpConfig
@@ -260,6 +289,7 @@ class Config(_Section):
     processing: ProcessingConfig = ProcessingConfig()
     templates: TemplatesConfig = TemplatesConfig()
     logging: LoggingConfig = LoggingConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _no_loops(self) -> Config:

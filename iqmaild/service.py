@@ -38,6 +38,7 @@ from iqmaild.deliver.compose import Composer
 from iqmaild.deliver.outbox import OutboxWorker
 from iqmaild.ingest.panel import PanelRequest, panel_message
 from iqmaild.ingest.smtp import DeskHandler, start_listener
+from iqmaild.lifecycle.retention import Retention
 from iqmaild.metrics import Metrics
 from iqmaild.parse.message import ParseContext
 from iqmaild.persist.store import GroupCommitter
@@ -100,6 +101,15 @@ class Parts:
 
     def links(self) -> Links:
         return Links(self.db, self.clock, self.applier, self.log, self.metrics)
+
+    def retention(self) -> Retention:
+        return Retention(
+            self.db,
+            self.clock,
+            self.config.retention.periods,
+            batch_size=self.config.retention.batch_size,
+            log=self.log,
+        )
 
 
 def build(config: Config, log: Any | None = None, clock: Clock | None = None) -> Parts:
@@ -191,6 +201,7 @@ class Daemon:
         self.workers = config.processing.workers if workers is None else workers
         self.outbox = self.parts.outbox()
         self.classifier = self.parts.classifier(on_processed=self.outbox.notify)
+        self.retention = self.parts.retention()
         self.committer = GroupCommitter(
             self.db, self.clock, config.smtp.group_commit_max, self._committed
         )
@@ -285,6 +296,8 @@ class Daemon:
         elif background:
             self._spawn(self._classify_loop(), "classify")
             self._spawn(self.outbox.run(), "outbox")
+        if background and self.config.retention.daily:
+            self._spawn(self.retention.daily(), "retention")
         self.log.info(
             "daemon.started",
             smtp_port=self.smtp_port,

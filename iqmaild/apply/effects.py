@@ -480,6 +480,9 @@ class Applier:
             "attempts": 0,
             "next_attempt_at": now,
             "created_at": now,
+            # What was sent, for claims: the content itself is blanked once the
+            # relay took it, and the rest of the row when retention purges it.
+            "content_sha256": hashlib.sha256(content).hexdigest(),
         }
 
     def queue_customer(

@@ -45,6 +45,7 @@ class TicketRow:
     created_at: datetime
     updated_at: datetime
     closed_at: datetime | None = None
+    purged_at: datetime | None = None
     dirty: bool = field(default=False, compare=False)
 
     @classmethod
@@ -154,6 +155,7 @@ def view_of(key: bytes, ticket: Any, primary: str | None = None) -> TicketView:
         authorized=ticket.authorization == "authorized",
         requester=ticket.requester,
         primary=primary,
+        purged=getattr(ticket, "purged_at", None) is not None,
     )
 
 

@@ -135,6 +135,7 @@ class TicketView:
     authorized: bool = False
     requester: str | None = None  # who opened it
     primary: str | None = None  # the account's primary address
+    purged: bool = False  # retention or erasure removed its personal data
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from iqmaild.core.addresses import local_part
@@ -261,6 +261,18 @@ def situate(
     )
 
 
+# A tag or thread reference naming a ticket whose personal data retention (or an
+# erasure) removed: the message is decided as if it named no ticket, so a late
+# follow-up opens a new ticket (pending, with a link) instead of reviving a shell
+# that holds no requester, account or subject. The old code proves nothing any more.
+PURGED_TICKET = "purged_ticket"
+
+
+def follows_purged(ticket: TicketView | None) -> bool:
+    """The rule ``purged_ticket``: the named ticket is a purged shell."""
+    return ticket is not None and ticket.purged
+
+
 NO_STAFF_COPY = frozenset({"own_mail_returned", "message_returned", "hop_limit"})
 # Reports about our own mail: a code in them went to the MTA, not to a person.
 REPORTS = frozenset({"returned_mail", "null_return_path", "delivery_report", "daemon_sender"})
@@ -279,6 +291,10 @@ def classify(
     mail: the ticket of the outbox row); ``returned`` the outbox row a report
     sent to our signed envelope sender is about.
     """
+    if follows_purged(ticket):
+        fresh = replace(facts, tag=None, thread_ticket=None)
+        verdict = classify(fresh, directory, None, config, returned)
+        return replace(verdict, rules_hit=(PURGED_TICKET, *verdict.rules_hit))
     s = situate(facts, directory, ticket, config, returned)
     loop_hits = [rule for rule in LOOP_RULES if rule.hits(s)]
     if loop_hits:

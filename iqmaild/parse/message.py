@@ -489,3 +489,14 @@ def unparsable(raw: bytes, *, channel: Channel, error: BaseException) -> ParsedM
         subject=subject,
         defects=(f"ParseFailure:{type(error).__name__}",),
     )
+
+
+def participants(raw: bytes) -> frozenset[str]:
+    """The From, To and Cc mailboxes of a stored message, normalized as the rules
+    normalize them: how the GDPR tools find a data subject in mail as stored."""
+    fields = Fields.of(raw)
+    out: set[str] = set()
+    for name in ("from", "to", "cc"):
+        for header in fields.parsed(name):
+            out.update(_mailboxes(header, _COSMETIC_IN_LISTS)[0])
+    return frozenset(out)

@@ -144,6 +144,9 @@ class Ticket(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Retention: when its personal data was removed (number, code, dates and
+    # decisions stay, for claims); a follow-up to it opens a new ticket.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 MESSAGE_ID_LIMIT = 500  # of the Message-ID kept for duplicate detection (fits an index)
@@ -197,6 +200,9 @@ class Message(Base):
     # Automatic mail this message would have caused but that was not sent, and why
     # ("auth_request:recipient_rate_limit"): staff see it on the message.
     suppressed: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Retention or erasure blanked its personal data; raw_sha256, dates and the
+    # decision remain as the claims record.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class AuthToken(Base):
@@ -251,6 +257,10 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Staff got a copy of a report about this row: never a second one.
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # What was sent, as a hash for claims (set when the row is queued).
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Retention or erasure blanked recipient and content.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Suppression(Base):
@@ -275,3 +285,5 @@ class AuditEvent(Base):
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     actor: Mapped[str] = mapped_column(String(64), default="daemon")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Retention took the personal details out of ``data`` (never looked at again).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

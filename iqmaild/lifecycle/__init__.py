@@ -1,0 +1,1 @@
+"""The data's life cycle: retention periods, data subjects' rights."""
