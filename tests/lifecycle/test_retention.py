@@ -231,7 +231,7 @@ async def test_the_daemon_runs_retention_daily_by_itself(
 
 
 async def test_a_row_queued_before_hashes_gets_one_from_its_content(desk: Harness) -> None:
-    """Rows from before migration 0005 carry no hash: purging takes it from what is left."""
+    """Rows from before migration 0004 carry no hash: purging takes it from what is left."""
     h = desk
     now = h.clock.now()
     content = b"Subject: x\r\n\r\nfailed mail to a stranger\r\n"
