@@ -51,8 +51,9 @@ class Limits:
         self.sessions = 0
         self.bytes = 0
 
-    def reserve(self, amount: int) -> bool:
-        if self.bytes and self.bytes + amount > self.max_bytes:
+    def reserve(self, amount: int, held: int = 0) -> bool:
+        """``held``: what the asking session holds already (alone, it may go on)."""
+        if self.bytes - held and self.bytes + amount > self.max_bytes:
             return False  # one message alone may always use the whole budget
         self.bytes += amount
         return True
@@ -151,6 +152,46 @@ class DeskHandler:
         return "\r\n".join([status] * max(1, len(envelope.rcpt_tos)))
 
 
+class _CountingReader:
+    """The session's stream reader, counting DATA bytes against their reservation.
+
+    A client may declare a SIZE far below what it sends (or none); every further
+    megabyte (times three, as in ``smtp_DATA``) is reserved before it is held, and
+    when the budget has no room the session is deferred instead.
+    """
+
+    STEP = 1 << 20
+
+    def __init__(self, inner: asyncio.StreamReader, session: _DeskSMTP, reserved: int) -> None:
+        self.inner = inner
+        self.session = session
+        self.reserved = reserved
+        self.seen = 0
+        self.refused = False
+
+    def _count(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        while not self.refused and 3 * self.seen > self.reserved:
+            if self.session.limits.reserve(3 * self.STEP, held=self.reserved):
+                self.reserved += 3 * self.STEP
+            else:
+                self.refused = True
+                self.session._over_budget(self.seen)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        chunk = await self.inner.readuntil(separator)
+        self._count(chunk)
+        return chunk
+
+    async def read(self, n: int = -1) -> bytes:
+        chunk = await self.inner.read(n)
+        self._count(chunk)
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class _DeskSMTP(SMTP):
     """aiosmtpd's SMTP with our caps, and real mail's long lines kept.
 
@@ -199,15 +240,31 @@ class _DeskSMTP(SMTP):
         # Until its commit a message is held about three times: aiosmtpd's lines,
         # their join, and what the database driver is handed.
         # The declared SIZE is the MTA's word (Postfix's is true); a client that
-        # declares none or too little is held to at least a megabyte.
+        # declares none or too little is held to at least a megabyte up front, and
+        # what it really sends is counted as it arrives (_CountingReader).
         reserved = 3 * max(self._declared_size(), min(1 << 20, self.data_size_limit or 1 << 20))
         if not self.limits.reserve(reserved):
             await self.push("452 4.3.1 Insufficient system resources, try again later")
             return
+        reader = _CountingReader(self._reader, self, reserved)
+        self._reader = reader  # type: ignore[assignment]
         try:
             await super().smtp_DATA(arg)
         finally:
-            self.limits.release(reserved)
+            self._reader = reader.inner
+            self.limits.release(reader.reserved)
+
+    def _over_budget(self, held: int) -> None:
+        """More bytes than reserved and no budget left: defer, and let go of them.
+
+        aiosmtpd keeps every line of a DATA until its end, so the only way to free
+        them is to end the session; 421 mid-DATA makes the MTA keep the mail queued
+        and retry, as 452 at DATA does.
+        """
+        self.log.warning("smtp.memory_budget", held_bytes=held, budget=self.limits.max_bytes)
+        if self.transport is not None:
+            self.transport.write(b"421 4.3.1 Insufficient system resources, try again later\r\n")
+            self.transport.close()
 
     async def _refuse_protocol(self, command: str) -> None:
         """The MTA speaks the other protocol: defer (4xx), never bounce customer mail."""

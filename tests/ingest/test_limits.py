@@ -8,6 +8,8 @@ wrong protocol is deferred, never bounced; the desk's sub-addresses are the desk
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -165,6 +167,52 @@ async def test_data_beyond_the_memory_budget_gets_452_and_goes_through_later(
     third, reply = await asyncio.to_thread(open_data)  # the budget is back
     assert reply.startswith("354")
     third.close()
+
+
+async def test_bytes_beyond_what_was_declared_count_against_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIZE=1 and then megabytes: what arrives is counted, not what was declared. Beyond
+    the budget the session is deferred (421) and its bytes let go; the others go on."""
+    h = await start_harness(tmp_path, smtp={"max_inflight_bytes": 8 * 1024 * 1024})
+    port = h.daemon.smtp_port
+    try:
+
+        def open_data() -> Wire:
+            wire = Wire(port)
+            wire.reply()
+            wire.cmd("EHLO client.test")
+            wire.cmd("MAIL FROM:<owner@acme.test> SIZE=1")
+            wire.cmd(f"RCPT TO:<{DESK}>")
+            assert wire.cmd("DATA")[0].startswith("354")
+            return wire
+
+        def flood(wire: Wire) -> list[str]:
+            line = b"x" * 998 + b"\r\n"
+            try:
+                for _ in range(4 * 1024):  # 4 MB, far beyond the 1 MB held for SIZE=1
+                    wire.sock.sendall(line)
+            except OSError:
+                pass  # the server closed the session
+            replies = []
+            with contextlib.suppress(OSError, AssertionError):
+                while True:
+                    replies.append(wire.reply()[0])
+            return replies
+
+        liar, honest = await asyncio.to_thread(open_data), await asyncio.to_thread(open_data)
+        replies = await asyncio.to_thread(flood, liar)
+        assert replies and replies[0].startswith("421 4.3.1"), replies
+        liar.close()
+        honest.send_data(mail_bytes())
+        assert (await asyncio.to_thread(honest.reply))[0].startswith("250")
+        honest.close()
+        assert h.daemon.smtp_limits.bytes == 0  # every reservation given back
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        events = [e for e in lines if e.get("event") == "smtp.memory_budget"]
+        assert events and events[0]["held_bytes"] > 1024 * 1024
+    finally:
+        await stop_harness(h)
 
 
 @pytest.mark.parametrize(("listener", "greeting"), [("smtp", "LHLO"), ("lmtp", "EHLO")])
