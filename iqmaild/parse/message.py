@@ -491,12 +491,28 @@ def unparsable(raw: bytes, *, channel: Channel, error: BaseException) -> ParsedM
     )
 
 
+_PARTICIPANT_FIELDS = (
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "reply-to",
+    "sender",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+    "disposition-notification-to",
+)
+
+
 def participants(raw: bytes) -> frozenset[str]:
-    """The From, To and Cc mailboxes of a stored message, normalized as the rules
-    normalize them: how the GDPR tools find a data subject in mail as stored."""
+    """Every mailbox an address header of a stored message names (From, To, Cc,
+    Reply-To, Sender, Bcc, Resent-*, receipts), normalized as the rules normalize
+    them: how the GDPR tools find a data subject in mail as stored."""
     fields = Fields.of(raw)
     out: set[str] = set()
-    for name in ("from", "to", "cc"):
+    for name in _PARTICIPANT_FIELDS:
         for header in fields.parsed(name):
             out.update(_mailboxes(header, _COSMETIC_IN_LISTS)[0])
     return frozenset(out)

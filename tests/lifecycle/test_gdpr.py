@@ -87,6 +87,10 @@ async def test_export_then_erase_an_address_written_in_any_case(
     await h.drain()
     cc_message = await h.last_message()
     other = await h.authorized_ticket("Inna sprawa")  # owner again
+    # Someone else's mail that names the owner only in Reply-To.
+    await h.send(sender="boss@beta.test", subject="Zwrot", headers={"Reply-To": OWNER})
+    await h.drain()
+    reply_to_message = await h.last_message()
     await h.send(sender="boss@beta.test", subject="VPS")  # nothing of the owner
     await h.drain()
     beta = await h.last_message()
@@ -95,7 +99,7 @@ async def test_export_then_erase_an_address_written_in_any_case(
         owner_messages = {
             m.id: m.raw
             for m in await session.scalars(select(Message))
-            if m.ticket_id in mine or m.id == cc_message.id
+            if m.ticket_id in mine or m.id in (cc_message.id, reply_to_message.id)
         }
     assert len(mine) == 2 and cc_message.ticket_id not in mine
     conf = config_file(h, tmp_path)
