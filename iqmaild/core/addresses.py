@@ -33,7 +33,17 @@ def normalize(address: str) -> str | None:
     ascii_domain = normalize_domain(domain)
     if ascii_domain is None:
         return None
-    return f"{unicodedata.normalize('NFC', local).lower()}@{ascii_domain}"
+    folded = unicodedata.normalize("NFC", local).lower()
+    if not local.isascii() and _ascii_count(folded) > _ascii_count(local):
+        # A non-ASCII character folded onto ASCII (the Kelvin sign onto "k", the
+        # Greek question mark onto ";"): another mailbox for the receiving server,
+        # but it would compare equal to a directory address written in ASCII.
+        return None
+    return f"{folded}@{ascii_domain}"
+
+
+def _ascii_count(text: str) -> int:
+    return sum(ch.isascii() for ch in text)
 
 
 def normalize_domain(domain: str) -> str | None:

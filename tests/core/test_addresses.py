@@ -71,6 +71,11 @@ def test_normalize(raw: str, expected: str) -> None:
         "owner@-acme.test",  # a label starting with a hyphen
         "owner@acme\u200d.test",  # a joiner where IDNA 2008 allows none
         "x@fu\u00dfball\u2044.test",  # a character IDNA 2008 disallows
+        # a non-ASCII local part that case folding or NFC would turn into ASCII:
+        # another mailbox at the server, but equal to a directory address
+        "\u212aowalski@acme.test",  # KELVIN SIGN lowercases to "k"
+        "ow\u037ener@acme.test",  # GREEK QUESTION MARK is ";" in NFC
+        "\u0142ukasz\u212a@acme.test",  # also beside other non-ASCII letters
     ],
 )
 def test_not_an_address(raw: str) -> None:
