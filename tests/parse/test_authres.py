@@ -33,7 +33,8 @@ async def decided(h: Harness, *headers: str) -> tuple[str, list[str]]:
     extra = "".join(f"Authentication-Results: {v}\r\n" for v in headers)
     raw = (
         f"{extra}From: owner@acme.test\r\nTo: bok@desk.test\r\nSubject: Hasło\r\n"
-        f"Message-ID: <{len(h.relay.messages)}.{len(headers)}@client.test>\r\n\r\nProszę o hasło.\r\n"
+        f"Message-ID: <{len(h.relay.messages)}.{len(headers)}@client.test>\r\n"
+        "\r\nProszę o hasło.\r\n"
     ).encode()
     assert (await h.send_raw(raw))[0] == 250
     await h.drain()
