@@ -338,7 +338,7 @@ class Daemon:
             # While intake fails, probe every second: health turns back to ok once
             # the database takes writes again, with or without new mail.
             if now - when > (1 if committer.failed_since is not None else 5):
-                error = await committer.probe()  # clears failed_since when it commits
+                error = await committer.probe()  # clears failed_since once trusted
                 self._probe = (now, error)
             if committer.failed_since is not None:
                 out.append(f"intake cannot commit (for {now - committer.failed_since:.0f} s)")

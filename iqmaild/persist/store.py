@@ -78,6 +78,11 @@ class GroupCommitter:
         self.last_attempt: float | None = None
         self.last_success: float | None = None
         self.failed_since: float | None = None
+        self.last_failure: float | None = None  # the latest real intake commit that failed
+
+    # A probe row is small: on a nearly full disk it commits while real mail still
+    # gets 451. It turns health back to ok only once intake has not failed this long.
+    PROBE_TRUSTED_AFTER = 10.0
 
     async def store(self, item: Incoming) -> Stored:
         future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
@@ -123,7 +128,9 @@ class GroupCommitter:
                 await session.execute(delete(Message).where(Message.id == result.scalar_one()))
         except Exception as exc:
             return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        self.failed_since = None
+        now = self.clock.monotonic()
+        if self.last_failure is None or now - self.last_failure >= self.PROBE_TRUSTED_AFTER:
+            self.failed_since = None
         return None
 
     async def _commit(self, items: list[Incoming]) -> list[Stored]:
@@ -132,7 +139,8 @@ class GroupCommitter:
             stored = await self._insert(items)
         except Exception as exc:
             if is_outage(exc):  # one bad message is not the database failing
-                self.failed_since = self.failed_since or self.clock.monotonic()
+                self.last_failure = self.clock.monotonic()
+                self.failed_since = self.failed_since or self.last_failure
             raise
         self.failed_since = None
         self.last_success = self.clock.monotonic()

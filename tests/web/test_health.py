@@ -96,5 +96,28 @@ async def test_health_recovers_by_itself_once_the_database_is_back(
     assert (await desk.send_raw(mail_bytes()))[0] == 451
     assert (await health(desk))[0] == 503
     break_messages_table(False)
-    desk.advance(1.2)  # no new mail: the probe finds the database writable
+    desk.advance(1.2)  # a probe row commits, but real mail failed only just now
+    assert (await health(desk))[0] == 503
+    desk.advance(10)  # no new mail since: the probe finds the database writable
     assert await health(desk) == (200, "ok")
+
+
+async def test_a_probe_that_fits_on_a_nearly_full_disk_is_no_proof(small_disk: Path) -> None:
+    """The probe's small row commits where real mail does not: while real mail has just
+    failed, health stays 503 (it once turned ok and every message still got 451)."""
+    h = await start_harness(small_disk, db_url=f"sqlite+aiosqlite:///{small_disk / 'd.db'}")
+    try:
+        big = mail_bytes(body="x" * 400_000 + "\r\n")
+        assert (await h.send_raw(big))[0] == 250
+        filler = fill(small_disk)
+        os.truncate(filler, os.path.getsize(filler) - 96 * 1024)  # room for a small row
+        assert (await h.send_raw(big.replace(b"<m1@", b"<m2@")))[0] == 451
+        h.advance(1.2)
+        status, reason = await health(h)
+        assert status == 503 and "intake cannot commit" in reason
+        assert h.daemon.committer.last_failure is not None
+        assert (await h.send_raw(big.replace(b"<m1@", b"<m3@")))[0] == 451
+        h.advance(1.2)
+        assert (await health(h))[0] == 503
+    finally:
+        await stop_harness(h)
