@@ -335,6 +335,30 @@ async def test_authorization_mail_is_rate_limited_per_recipient(tmp_path: Path) 
         await stop_harness(desk)
 
 
+async def test_automatic_mail_is_rate_limited_per_ticket(tmp_path: Path) -> None:
+    """A ticket answered again and again (a responder, a forger with its number) gets
+    at most ``per_ticket_day`` automatic mails; staff see each one held back."""
+    limits = {"per_recipient_10min": 100, "per_recipient_day": 100, "per_ticket_day": 3}
+    desk = await start_harness(tmp_path, outbound={"rate_limit": limits})
+    try:
+        number = await desk.authorized_ticket()  # the link and the acknowledgement: 2
+        wrong = f"[IQ.pl#{number}:0000000000000000dead]"
+        for i in range(4):  # each a code_mismatch notice to the owner
+            await desk.send(subject=f"Re: {wrong} próba {i}")
+        await desk.drain()
+        mails = desk.new_mail()
+        notices = [m for m in mails if m.envelope_to == [OWNER]]
+        staff = [m for m in mails if m.envelope_to == [STAFF]]
+        assert len(notices) == 1 and len(staff) == 4
+        held = [m for m in staff if "ticket_rate_limit" in str(m["X-IQ-Suppressed"])]
+        assert len(held) == 3
+        assert 'iqmaild_autoreplies_suppressed_total{why="ticket_rate_limit"} 3' in (
+            await metrics_text(desk)
+        )
+    finally:
+        await stop_harness(desk)
+
+
 async def test_sent_mail_is_blanked_from_the_outbox(desk: Harness) -> None:
     """Links, codes and customers' messages stay only where they went, not in our rows."""
     await desk.send()
