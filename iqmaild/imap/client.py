@@ -102,8 +102,10 @@ class ImapSession:
             await self._starttls()
         password = config.read_password()
         await self._ok(self.imap.login(config.user, password), "LOGIN")
-        if not self.capabilities or "IMAP4REV1" not in self.capabilities:
-            await self._guard(self.imap.protocol.capability(), "CAPABILITY")
+        # Asked again: aioimaplib adds the login answer's list to the greeting's,
+        # and the greeting's (before login) may name IDLE or MOVE that the
+        # logged-in session has not.
+        await self._guard(self.imap.protocol.capability(), "CAPABILITY")
 
     async def _starttls(self) -> None:
         """aioimaplib has no STARTTLS: the command, then TLS on the same transport.

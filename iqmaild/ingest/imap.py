@@ -119,10 +119,11 @@ class ImapIntake:
             last = await self._take_new(session, validity, last)
             await self._file_ready(session, validity)
             waiting = await mailbox.waiting(self.db, self.key, validity)
-            if idle:
-                # Re-IDLE well before the server's 29 minutes; while messages wait
-                # for their verdict, look at the database every poll interval.
-                await session.idle(self.filing_poll if waiting else self.config.idle_renew_seconds)
+            if idle and waiting:  # look at the verdicts every poll interval
+                await session.idle(self.filing_poll)
+            elif idle:  # renewed well before the server's 29 minutes
+                if not await session.idle(self.config.idle_renew_seconds):
+                    self.log.info("imap.idle_renewed", folder=self.config.folder)
             else:
                 await asyncio.sleep(self.filing_poll if waiting else self.config.poll_seconds)
                 await session.noop()
@@ -176,6 +177,13 @@ class ImapIntake:
         uids = [uid for uid, _ in fetched]
         record = mailbox.recorder(self.db, self.key, validity, uids, max(batch), self.clock.now())
         stored = await self.committer.store_batch(items, record)
+        self.log.info(
+            "imap.batch",
+            messages=len(items),
+            bytes=sum(len(i.raw) for i in items),
+            first_uid=uids[0],
+            last_uid=uids[-1],
+        )
         for uid, item, result in zip(uids, items, stored, strict=True):
             self.log.info(
                 "imap.accepted",

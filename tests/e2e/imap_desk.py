@@ -14,12 +14,13 @@ import imaplib
 import re
 import smtplib
 import sqlite3
+import subprocess
 from collections import Counter
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.servers import PASSWORD, DeskDaemon, Dovecot, free_ports
+from tests.e2e.servers import DOVEADM, PASSWORD, DeskDaemon, Dovecot, free_ports
 
 FOLDERS = {
     "authorized": "Authorized",
@@ -55,8 +56,18 @@ class Box:
     def __init__(self, dovecot: Dovecot, user: str) -> None:
         self.port = dovecot.imap_port
         self.user = user
-        self.imap = imaplib.IMAP4("127.0.0.1", self.port, timeout=30)
-        self.imap.login(user, PASSWORD)
+        self.imap = self._login()
+
+    def _login(self) -> imaplib.IMAP4:
+        imap = imaplib.IMAP4("127.0.0.1", self.port, timeout=30)
+        imap.login(self.user, PASSWORD)
+        return imap
+
+    def again(self) -> None:
+        """After ``doveadm kick`` (it cuts the tests' connection too)."""
+        with contextlib.suppress(Exception):
+            self.imap.shutdown()
+        self.imap = self._login()
 
     def folders(self) -> set[str]:
         typ, data = self.imap.list()
@@ -70,6 +81,13 @@ class Box:
 
     def contents(self, folder: str) -> list[tuple[str, set[str]]]:
         """(Message-ID, flags) of every message in ``folder``; [] when it does not exist."""
+        try:
+            return self._contents(folder)
+        except (imaplib.IMAP4.abort, OSError):
+            self.again()
+            return self._contents(folder)
+
+    def _contents(self, folder: str) -> list[tuple[str, set[str]]]:
         typ, _ = self.imap.select(f'"{folder}"', readonly=True)
         if typ != "OK":
             return []
@@ -87,7 +105,11 @@ class Box:
         return out
 
     def count(self, folder: str) -> int:
-        typ, data = self.imap.status(f'"{folder}"', "(MESSAGES)")
+        try:
+            typ, data = self.imap.status(f'"{folder}"', "(MESSAGES)")
+        except (imaplib.IMAP4.abort, OSError):
+            self.again()
+            typ, data = self.imap.status(f'"{folder}"', "(MESSAGES)")
         if typ != "OK":
             return 0
         return int(re.search(rb"MESSAGES (\d+)", data[0]).group(1))  # type: ignore[union-attr]
@@ -136,3 +158,26 @@ def stored(db: Path) -> Counter[str]:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
         rows = con.execute("SELECT message_id FROM messages WHERE channel = 'imap'").fetchall()
     return Counter(str(mid).strip("<>") for (mid,) in rows)
+
+
+class PlainDovecot(Dovecot):
+    """A second Dovecot whose logged-in sessions offer neither IDLE nor MOVE: the
+    daemon must poll, and file by COPY, STORE \\Deleted and UID EXPUNGE."""
+
+    CAPABILITY = "IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE UIDPLUS NAMESPACE"
+
+    def write_config(self) -> None:
+        super().write_config()
+        text = self.config.read_text(encoding="utf-8")
+        text = text.replace("instance_name = iqmaild-e2e-", "instance_name = iqmaild-e2e-plain-")
+        self.config.write_text(text + f"\nimap_capability = {self.CAPABILITY}\n", encoding="utf-8")
+
+
+def kick(dovecot: Dovecot, user: str) -> None:
+    """Cut the user's IMAP connections from the server's side (doveadm kick)."""
+    subprocess.run(
+        [DOVEADM, "-c", str(dovecot.config), "kick", user],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )

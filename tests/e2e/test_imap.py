@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.imap_desk import FOLDERS, Box, add_user, deliver, imap_daemon, stored
+from tests.e2e.imap_desk import (
+    FOLDERS,
+    Box,
+    PlainDovecot,
+    add_user,
+    deliver,
+    imap_daemon,
+    kick,
+    stored,
+)
 from tests.e2e.mail import new_mail
 from tests.e2e.servers import DeskDaemon, Dovecot, wait_until
 from tests.harness import PANEL_TOKEN
@@ -131,3 +140,128 @@ def test_new_mail_is_filed_by_decision_with_its_ticket_keyword(imap_desk: Callab
     assert all(n == 1 for n in stored(daemon.db_path).values())
     rows = [m for m in daemon.messages() if m["channel"] == "imap"]
     assert sorted(m["decision"] for m in rows) == sorted(mails)
+
+
+def mid(msg: Any) -> str:
+    return str(msg["Message-ID"]).strip("<>")
+
+
+def burst(count: int, prefix: str) -> list[Any]:
+    senders = ["owner@acme.test", "stranger@unknown.test", "dev@partner.test"]
+    return [new_mail(senders[i % 3], f"{prefix} {i}") for i in range(count)]
+
+
+def assert_exactly_once(case: Case, sent: list[Any]) -> None:
+    """Every message stored once and filed once; nothing left in the watched folder."""
+    seen = wait_filed(case.box, len(sent), timeout=120)
+    assert set(seen) == {mid(m) for m in sent}
+    counts = stored(case.daemon.db_path)
+    assert set(counts) == {mid(m) for m in sent}
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:5]
+    for folder, flags in seen.values():
+        assert len(keyword_tickets(flags)) == 1, (folder, flags)
+
+
+def test_mail_appended_while_idling_is_taken_at_once(imap_desk: Callable) -> None:
+    # IDLE renewed every 2 s (the real default stays below the 29-minute limit),
+    # and no polling to fall back on within the test: only IDLE can wake it.
+    case = imap_desk(idle_renew_seconds=2.0, poll_seconds=3600)
+    wait_until(lambda: case.daemon.events("imap.connected"), 30, "the IMAP session")
+    first = new_mail("owner@acme.test", "Pierwsza")
+    case.deliver([first])
+    wait_filed(case.box, 1)
+    # Past a few renewals of IDLE (DONE, IDLE again): still watching.
+    renewed = len(case.daemon.events("imap.idle_renewed"))
+    wait_until(
+        lambda: len(case.daemon.events("imap.idle_renewed")) >= renewed + 2, 30, "IDLE renewed"
+    )
+    second = new_mail("owner@acme.test", "Druga")
+    case.deliver([second])
+    seen = wait_filed(case.box, 2)
+    assert {mid(first), mid(second)} == set(seen)
+    assert len(case.daemon.events("imap.connected")) == 1  # one session throughout
+
+
+def test_kill_9_mid_batch_neither_skips_nor_duplicates(imap_desk: Callable) -> None:
+    case = imap_desk(start=False, batch_size=10)
+    sent = burst(200, "Burst")
+    case.deliver(sent)
+    case.daemon.start()
+    wait_until(lambda: len(case.daemon.events("imap.accepted")) >= 30, 60, "part of the backlog")
+    case.daemon.kill9()
+    taken = len(case.daemon.events("imap.accepted"))
+    assert taken < len(sent), "killed too late to be mid-backlog"
+    case.daemon.start()
+    assert_exactly_once(case, sent)
+
+
+def test_a_cut_connection_reconnects_and_takes_everything_once(imap_desk: Callable) -> None:
+    case = imap_desk(start=False, batch_size=10)
+    sent = burst(200, "Cut")
+    case.deliver(sent)
+    case.daemon.start()
+    for cuts in (1, 2):
+        wait_until(
+            lambda c=cuts: len(case.daemon.events("imap.accepted")) >= 30 * c,
+            60,
+            "part of the backlog",
+        )
+        kick(case.dovecot, case.user)
+        wait_until(lambda c=cuts: len(case.daemon.events("imap.connected")) > c, 60, "a reconnect")
+    assert_exactly_once(case, sent)
+    assert case.daemon.events("imap.disconnected")
+
+
+def test_staff_copies_are_appended_to_the_staff_folder(imap_desk: Callable) -> None:
+    case = imap_desk(staff_folder="Staff")
+    msg = new_mail("owner@acme.test", "Kopia dla obsługi")
+    case.deliver([msg])
+    wait_filed(case.box, 1)
+
+    def staff() -> list[Any]:
+        return case.box.contents("Staff")
+
+    copies = wait_until(staff, 30, "a staff copy in the Staff folder", interval=0.2)
+    assert len(copies) == 1
+    case.box.imap.select('"Staff"', readonly=True)
+    _, data = case.box.imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER])")
+    header = next(p[1] for p in data if isinstance(p, tuple)).decode()
+    assert "X-IQ-Authorization: pending" in header
+    assert f"<{mid(msg)}>" in header or mid(msg) in header
+    case.box.imap.close()
+
+
+def test_without_idle_or_move_it_polls_and_files_by_copy(
+    e2e_root: Path, template_db: Path, imap_desk: Callable
+) -> None:
+    server = PlainDovecot(e2e_root / "dovecot-plain")
+    server.start()
+    try:
+        user = "plain@desk.test"
+        add_user(server, user)
+        daemon = imap_daemon(e2e_root / "imap-plain", server, user, template_db, poll_seconds=0.5)
+        box = Box(server, user)
+        case = Case(daemon, box, user, server)
+        try:
+            daemon.start()
+            sent = burst(12, "Poll")
+            case.deliver(sent)
+            assert_exactly_once(case, sent)
+            (connected,) = daemon.events("imap.connected")
+            assert connected["idle"] is False and connected["move"] is False
+        finally:
+            box.close()
+            daemon.close()
+    finally:
+        server.stop()
+
+
+def test_a_backlog_is_taken_in_bounded_batches(imap_desk: Callable) -> None:
+    case = imap_desk(start=False, batch_size=50)
+    sent = burst(1000, "Backlog")
+    case.deliver(sent)
+    case.daemon.start()
+    assert_exactly_once(case, sent)
+    batches = case.daemon.events("imap.batch")
+    assert batches and max(b["messages"] for b in batches) <= 50
+    assert sum(b["messages"] for b in batches) == len(sent)
