@@ -181,3 +181,39 @@ def kick(dovecot: Dovecot, user: str) -> None:
         timeout=30,
         check=True,
     )
+
+
+class TlsDovecot(Dovecot):
+    """A Dovecot with a self-signed certificate for 127.0.0.1: STARTTLS on its
+    IMAP port, implicit TLS on ``imaps_port``; ``cert`` is the CA to trust."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        (self.imaps_port,) = free_ports(1)
+        self.cert = root / "cert.pem"
+        self.key = root / "key.pem"
+
+    def write_config(self) -> None:
+        super().write_config()
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(self.key), "-out", str(self.cert),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )  # fmt: skip
+        text = self.config.read_text(encoding="utf-8")
+        text = text.replace("instance_name = iqmaild-e2e-", "instance_name = iqmaild-e2e-tls-")
+        text = text.replace("ssl = no", "ssl = yes")
+        text = text.replace(
+            "inet_listener imaps {\n    port = 0",
+            f"inet_listener imaps {{\n    address = 127.0.0.1\n    port = {self.imaps_port}",
+        )
+        text += (
+            f"\nssl_cert = <{self.cert}\nssl_key = <{self.key}\n"
+            "ssl_dh = </usr/share/dovecot/dh.pem\n"
+        )
+        self.config.write_text(text, encoding="utf-8")

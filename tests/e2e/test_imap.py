@@ -23,6 +23,7 @@ from tests.e2e.imap_desk import (
     FOLDERS,
     Box,
     PlainDovecot,
+    TlsDovecot,
     add_user,
     deliver,
     imap_daemon,
@@ -265,3 +266,95 @@ def test_a_backlog_is_taken_in_bounded_batches(imap_desk: Callable) -> None:
     batches = case.daemon.events("imap.batch")
     assert batches and max(b["messages"] for b in batches) <= 50
     assert sum(b["messages"] for b in batches) == len(sent)
+
+
+@pytest.fixture(scope="module")
+def tls_dovecot(e2e_root: Path) -> Iterator[TlsDovecot]:
+    server = TlsDovecot(e2e_root / "dovecot-tls")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_starttls_and_tls_verify_the_server(
+    security: str, tls_dovecot: TlsDovecot, e2e_root: Path, template_db: Path
+) -> None:
+    user = f"tls-{security}@desk.test"
+    add_user(tls_dovecot, user)
+    port = tls_dovecot.imaps_port if security == "tls" else tls_dovecot.imap_port
+    wrong = imap_daemon(
+        e2e_root / f"imap-tls-wrong-{security}",
+        tls_dovecot,
+        user,
+        template_db,
+        security=security,
+        port=port,  # the system's CAs: our self-signed certificate is refused
+    )
+    daemon = imap_daemon(
+        e2e_root / f"imap-tls-{security}",
+        tls_dovecot,
+        user,
+        template_db,
+        security=security,
+        port=port,
+        ca_file=str(tls_dovecot.cert),
+    )
+    box = Box(tls_dovecot, user)
+    case = Case(daemon, box, user, tls_dovecot)
+    try:
+        wrong.start()
+        failure = wait_until(
+            lambda: wrong.events("imap.disconnected"), 30, "the refused certificate"
+        )[0]
+        assert "CERTIFICATE_VERIFY_FAILED" in failure["error"], failure
+        wrong.close()
+        daemon.start()
+        sent = [new_mail("owner@acme.test", f"Przez {security}")]
+        case.deliver(sent)
+        assert_exactly_once(case, sent)
+        logins = [
+            line
+            for line in tls_dovecot.log_text().splitlines()
+            if f"Login: user=<{user}>" in line and ", TLS," in line
+        ]
+        assert logins, "the daemon's session was not TLS"
+    finally:
+        box.close()
+        wrong.close()
+        daemon.close()
+
+
+def test_a_new_uidvalidity_takes_the_folder_again_without_storing_twice(
+    imap_desk: Callable,
+) -> None:
+    case = imap_desk(start=False, folder="Desk")
+    box = case.box
+
+    def raw(msg: Any) -> bytes:
+        return b"Return-Path: <owner@acme.test>\r\n" + msg.as_bytes().replace(b"\n", b"\r\n")
+
+    old, kept, new = (new_mail("owner@acme.test", f"Sprawa {n}") for n in (1, 2, 3))
+    assert box.imap.create('"Desk"')[0] == "OK"
+    box.append("Desk", raw(old))
+    box.append("Desk", raw(kept))
+    case.daemon.start()
+    wait_until(lambda: len(filed(box)) == 2 and not box.count("Desk"), 60, "the first two filed")
+    assert case.daemon.stop() == 0
+    # The folder is made again (a restore, a migration): its UIDs start over.
+    assert box.imap.delete('"Desk"')[0] == "OK"
+    assert box.imap.create('"Desk"')[0] == "OK"
+    box.append("Desk", raw(old))  # the same message again, now UID 1 again
+    box.append("Desk", raw(new))
+    case.daemon.start()
+    wait_until(lambda: box.count("Desk") == 0, 60, "the folder taken again")
+    (changed,) = case.daemon.events("imap.uidvalidity_changed")
+    assert changed["old"] != changed["new"]
+    counts = stored(case.daemon.db_path)
+    assert counts == {mid(old): 1, mid(kept): 1, mid(new): 1}
+    pending = [m for m, _ in box.contents("Pending")]
+    assert sorted(pending) == sorted([mid(old), mid(kept), mid(old), mid(new)])
+    duplicates = [e for e in case.daemon.events("imap.accepted") if e["duplicate"]]
+    assert len(duplicates) == 1
