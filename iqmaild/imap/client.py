@@ -20,6 +20,7 @@ from iqmaild.config import ImapConfig
 from iqmaild.imap import filing
 
 T = TypeVar("T")
+PIPELINE = 32  # commands in flight together (keywords of many tickets)
 
 
 class ImapError(Exception):
@@ -203,13 +204,19 @@ class ImapSession:
         )
         return filing.fetch_sizes(response.lines)
 
-    async def bodies(self, uids: list[int]) -> list[tuple[int, bytes]]:
+    def _transfer_timeout(self, size: int) -> float:
+        """Large transfers get time by their size (at least 100 kB/s)."""
+        return self.config.timeout_seconds + size / 100_000
+
+    async def bodies(self, uids: list[int], size: int = 0) -> list[tuple[int, bytes]]:
         """(UID, raw) of the messages still there; BODY.PEEK leaves \\Seen alone."""
         assert self.imap is not None
         if not uids:
             return []
         response = await self._ok(
-            self.imap.uid("fetch", filing.uid_set(uids), "(UID BODY.PEEK[])"), "UID FETCH BODY"
+            self.imap.uid("fetch", filing.uid_set(uids), "(UID BODY.PEEK[])"),
+            "UID FETCH BODY",
+            self._transfer_timeout(size),
         )
         return filing.fetch_bodies(response.lines)
 
@@ -224,6 +231,37 @@ class ImapSession:
             "UID STORE",
         )
 
+    async def add_keywords_many(self, groups: list[tuple[list[int], tuple[str, ...]]]) -> None:
+        """Several ``UID STORE +FLAGS.SILENT`` pipelined (one keyword per ticket means
+        one STORE per message: 5,000 round trips one after the other took a minute).
+
+        aioimaplib runs one command per untagged-response name at a time; each
+        STORE gets a name of its own, and ``.SILENT`` asks for no untagged answer.
+        """
+        assert self.imap is not None
+        protocol = self.imap.protocol
+        pending = [(uids, words) for uids, words in groups if uids and words]
+        for start in range(0, len(pending), PIPELINE):
+            commands = [
+                aioimaplib.Command(
+                    "STORE",
+                    protocol.new_tag(),
+                    filing.uid_set(uids),
+                    "+FLAGS.SILENT",
+                    f"({' '.join(words)})",
+                    prefix="UID",
+                    untagged_resp_name=f"STORE-{start + i}",
+                    loop=protocol.loop,
+                )
+                for i, (uids, words) in enumerate(pending[start : start + PIPELINE])
+            ]
+            responses = await self._guard(
+                asyncio.gather(*(protocol.execute(c) for c in commands)), "UID STORE"
+            )
+            for response in responses:
+                if response.result != "OK":
+                    raise ImapError(f"UID STORE: {response.result} {_text(response)}")
+
     async def move(self, uids: list[int], folder: str) -> None:
         """UID MOVE when the server has it; else COPY, \\Deleted, UID EXPUNGE.
 
@@ -236,7 +274,14 @@ class ImapSession:
         if self.has("MOVE"):
             await self._ok(self.imap.uid("move", uids_text, target), "UID MOVE")
             return
-        await self._ok(self.imap.uid("copy", uids_text, target), "UID COPY")
+        # Only those not copied yet: a copy already made carries \\Deleted here.
+        undeleted = await self._ok(
+            self.imap.protocol.search(f"UID {uids_text} UNDELETED", by_uid=True, charset=None),
+            "UID SEARCH",
+        )
+        fresh = filing.search_uids(undeleted.lines, 0)
+        if fresh:
+            await self._ok(self.imap.uid("copy", filing.uid_set(fresh), target), "UID COPY")
         await self._ok(
             self.imap.uid("store", uids_text, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE"
         )
@@ -247,7 +292,11 @@ class ImapSession:
 
     async def append(self, raw: bytes, folder: str) -> None:
         assert self.imap is not None
-        await self._ok(self.imap.append(raw, mailbox=filing.quote(folder)), "APPEND")
+        await self._ok(
+            self.imap.append(raw, mailbox=filing.quote(folder)),
+            "APPEND",
+            self._transfer_timeout(len(raw)),
+        )
 
     async def noop(self) -> None:
         assert self.imap is not None

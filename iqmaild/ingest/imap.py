@@ -73,13 +73,16 @@ class ImapIntake:
             try:
                 await session.connect()
                 self.connections += 1
-                delay = 1.0
                 await self._serve(session)
-            except (ImapError, OSError, TimeoutError) as exc:
+            except (ImapDisconnected, OSError, TimeoutError) as exc:
                 self._failed("imap.disconnected", exc, delay)
+            except ImapError as exc:  # a refusal: wrong password, a folder we may not use
+                self._failed("imap.refused", exc, delay)
             except Exception as exc:  # the database, or a bug: never end the loop
                 self._failed("imap.loop_error", exc, delay)
             finally:
+                if self.connected:  # it worked for a while: start the backoff over
+                    delay = 1.0
                 self.connected = False
                 with contextlib.suppress(Exception):
                     await session.close()
@@ -88,7 +91,7 @@ class ImapIntake:
 
     def _failed(self, event: str, exc: BaseException, delay: float) -> None:
         self.failing_since = self.failing_since or self.clock.monotonic()
-        level = self.log.warning if isinstance(exc, ImapDisconnected) else self.log.error
+        level = self.log.warning if event == "imap.disconnected" else self.log.error
         level(
             event,
             host=self.config.host,
@@ -99,7 +102,7 @@ class ImapIntake:
         self.metrics.inc("imap_reconnects_total")
 
     async def _serve(self, session: ImapSession) -> None:
-        created = await session.ensure_folders(list(self.folders.values()))
+        created = await session.ensure_folders([self.config.folder, *self.folders.values()])
         if created:
             self.log.info("imap.folders_created", folders=created)
         validity, _ = await session.select(self.config.folder)
@@ -154,12 +157,14 @@ class ImapIntake:
             for batch in filing.batches(
                 sizes.items(), self.config.batch_size, self.config.max_batch_bytes
             ):
-                await self._store(session, validity, batch)
+                await self._store(session, validity, batch, sizes)
             last = max(last, *chunk)
         return last
 
-    async def _store(self, session: ImapSession, validity: int, batch: list[int]) -> None:
-        fetched = await session.bodies(batch)
+    async def _store(
+        self, session: ImapSession, validity: int, batch: list[int], sizes: dict[int, int]
+    ) -> None:
+        fetched = await session.bodies(batch, sum(sizes.get(uid, 0) for uid in batch))
         if not fetched:
             return  # expunged by someone meanwhile
         items = []
@@ -216,8 +221,7 @@ class ImapIntake:
                 folder_of[row.uid] = plan.folder
             uids = [row.uid for row in rows]
             try:
-                for keywords, group in by_keywords.items():
-                    await session.add_keywords(group, keywords)
+                await session.add_keywords_many([(g, k) for k, g in by_keywords.items()])
                 for folder, group in by_folder.items():
                     if folder is not None:
                         await session.move(group, folder)

@@ -293,17 +293,8 @@ def test_starttls_and_tls_verify_the_server(
         security=security,
         port=port,  # the system's CAs: our self-signed certificate is refused
     )
-    daemon = imap_daemon(
-        e2e_root / f"imap-tls-{security}",
-        tls_dovecot,
-        user,
-        template_db,
-        security=security,
-        port=port,
-        ca_file=str(tls_dovecot.cert),
-    )
     box = Box(tls_dovecot, user)
-    case = Case(daemon, box, user, tls_dovecot)
+    daemon: DeskDaemon | None = None
     try:
         wrong.start()
         failure = wait_until(
@@ -311,6 +302,17 @@ def test_starttls_and_tls_verify_the_server(
         )[0]
         assert "CERTIFICATE_VERIFY_FAILED" in failure["error"], failure
         wrong.close()
+        # Made only now: its ports are free now (other processes bind too).
+        daemon = imap_daemon(
+            e2e_root / f"imap-tls-{security}",
+            tls_dovecot,
+            user,
+            template_db,
+            security=security,
+            port=port,
+            ca_file=str(tls_dovecot.cert),
+        )
+        case = Case(daemon, box, user, tls_dovecot)
         daemon.start()
         sent = [new_mail("owner@acme.test", f"Przez {security}")]
         case.deliver(sent)
@@ -324,7 +326,8 @@ def test_starttls_and_tls_verify_the_server(
     finally:
         box.close()
         wrong.close()
-        daemon.close()
+        if daemon is not None:
+            daemon.close()
 
 
 def test_a_new_uidvalidity_takes_the_folder_again_without_storing_twice(
