@@ -134,7 +134,8 @@ async def ready(db: Database, mailbox: str, uidvalidity: int, limit: int) -> lis
 
 
 async def filed(db: Database, mailbox: str, uidvalidity: int, uids: list[int]) -> None:
-    async with db.transaction(priority="background") as session:
+    # Not background: behind a busy outbox's writes, moved mail would be moved again.
+    async with db.transaction(priority="normal") as session:
         await session.execute(
             delete(ImapFiling).where(
                 ImapFiling.mailbox == mailbox,
