@@ -309,7 +309,8 @@ class ImapSession:
         caller); True when the server announced new mail."""
         assert self.imap is not None
         imap = self.imap
-        idle = await self._guard(imap.idle_start(timeout=seconds), "IDLE")
+        # aioimaplib's own stop comes later than ours: ours ends the wait.
+        idle = await self._guard(imap.idle_start(timeout=seconds + 5), "IDLE")
         woke = False
         try:
             async with asyncio.timeout(seconds):  # the loop's timer: no clock read here

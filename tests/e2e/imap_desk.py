@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import re
 import smtplib
 import sqlite3
@@ -217,3 +218,24 @@ class TlsDovecot(Dovecot):
             "ssl_dh = </usr/share/dovecot/dh.pem\n"
         )
         self.config.write_text(text, encoding="utf-8")
+
+
+def events(daemon: DeskDaemon, name: str) -> list[dict[str, Any]]:
+    """The daemon's log events, also where the worker's line landed on the same line.
+
+    Under PYTHONUNBUFFERED (the e2e daemons run so) ``print`` writes the text
+    and its newline in two writes: two processes sharing the log interleave
+    as ``{...}{...}``, which ``DeskDaemon.events`` skips.
+    """
+    out = []
+    if not daemon.log.exists():
+        return out
+    for line in daemon.log.read_text(errors="replace").splitlines():
+        for part in re.split(r"(?<=\})(?=\{)", line.strip()):
+            try:
+                item = json.loads(part)
+            except ValueError:
+                continue
+            if isinstance(item, dict) and item.get("event") == name:
+                out.append(item)
+    return out
