@@ -36,7 +36,7 @@ from iqmaild.core.ratelimit import Limits
 from iqmaild.core.tag import TagFormat
 from iqmaild.deliver.compose import Composer
 from iqmaild.deliver.outbox import OutboxWorker
-from iqmaild.imap.client import StaffFolder
+from iqmaild.imap.staff import StaffFolder
 from iqmaild.ingest.imap import ImapIntake
 from iqmaild.ingest.panel import PanelRequest, panel_message
 from iqmaild.ingest.smtp import DeskHandler, start_listener

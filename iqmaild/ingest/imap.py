@@ -63,6 +63,9 @@ class ImapIntake:
         self.connected = False
         self.failing_since: float | None = None
         self.connections = 0
+        # Filing the server refused: tried again after a growing pause, not every poll.
+        self.filing_failures = 0
+        self.filing_retry_at = float("-inf")
 
     async def run(self) -> None:
         """Watch until cancelled; every failure reconnects after a growing delay."""
@@ -201,6 +204,8 @@ class ImapIntake:
 
     async def _file_ready(self, session: ImapSession, validity: int) -> None:
         """Keywords first (they travel with the message), then one MOVE per folder."""
+        if self.clock.monotonic() < self.filing_retry_at:
+            return
         while True:
             rows = await mailbox.ready(self.db, self.key, validity, FILING_BATCH)
             if not rows:
@@ -229,11 +234,17 @@ class ImapIntake:
                 raise
             except ImapError as exc:
                 # A folder deleted meanwhile, or a server refusal: made again, tried later.
-                self.log.error("imap.filing_failed", error=str(exc)[:300], uids=uids[:20])
+                self.filing_failures += 1
+                pause = min(2.0**self.filing_failures, 300.0)
+                self.filing_retry_at = self.clock.monotonic() + pause
+                self.log.error(
+                    "imap.filing_failed", error=str(exc)[:300], uids=uids[:20], retry_in=pause
+                )
                 await mailbox.filing_failed(self.db, self.key, validity, uids, str(exc))
                 await session.ensure_folders(list(self.folders.values()))
                 return
             await mailbox.filed(self.db, self.key, validity, uids)
+            self.filing_failures = 0
             for row in rows:
                 self.log.info(
                     "imap.filed",
