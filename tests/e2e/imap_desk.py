@@ -220,7 +220,7 @@ class TlsDovecot(Dovecot):
         self.config.write_text(text, encoding="utf-8")
 
 
-def events(daemon: DeskDaemon, name: str) -> list[dict[str, Any]]:
+def all_events(daemon: DeskDaemon) -> list[dict[str, Any]]:
     """The daemon's log events, also where the worker's line landed on the same line.
 
     Under PYTHONUNBUFFERED (the e2e daemons run so) ``print`` writes the text
@@ -232,10 +232,12 @@ def events(daemon: DeskDaemon, name: str) -> list[dict[str, Any]]:
         return out
     for line in daemon.log.read_text(errors="replace").splitlines():
         for part in re.split(r"(?<=\})(?=\{)", line.strip()):
-            try:
+            with contextlib.suppress(ValueError):
                 item = json.loads(part)
-            except ValueError:
-                continue
-            if isinstance(item, dict) and item.get("event") == name:
-                out.append(item)
+                if isinstance(item, dict):
+                    out.append(item)
     return out
+
+
+def events(daemon: DeskDaemon, name: str) -> list[dict[str, Any]]:
+    return [e for e in all_events(daemon) if e.get("event") == name]
