@@ -278,6 +278,106 @@ class RetentionConfig(_Section):
         return Periods(self.personal_data_months, self.claims_years, self.security_years)
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+_ATOM = re.compile(r"[A-Za-z0-9!#$&'+,./:;<=>?@^_`|~-]{1,64}")
+
+
+def is_loopback(host: str) -> bool:
+    """Plain IMAP is refused unless the server is this machine (no password on the wire)."""
+    import ipaddress
+
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ImapFoldersConfig(_Section):
+    """Where a processed message is filed, by decision (created when missing)."""
+
+    authorized: str = "Authorized"
+    pending: str = "Pending"
+    unauthorized: str = "Unauthorized"
+    ignored: str = "Ignored"
+
+
+class ImapConfig(_Section):
+    """IMAP mode: take mail from a desk mailbox instead of (or beside) SMTP."""
+
+    host: str = ""  # "" = IMAP mode off
+    port: int = Field(default=0, ge=0, le=65535)  # 0 = 993 for tls, 143 otherwise
+    security: Literal["tls", "starttls", "plain"] = "tls"
+    allow_plain: bool = False
+    ca_file: str = ""
+    user: str = ""
+    password: str = ""
+    password_file: str = ""
+    folder: str = "INBOX"
+    folders: ImapFoldersConfig = ImapFoldersConfig()
+    keyword_prefix: str = "IQ-"
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    max_batch_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
+    poll_seconds: float = Field(default=60.0, gt=0, le=3600)
+    idle_renew_seconds: float = Field(default=1500.0, gt=0, le=1740)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    reconnect_max_seconds: float = Field(default=60.0, ge=1)
+    staff_folder: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImapConfig:
+        if not self.host:
+            return self
+        if not self.user:
+            raise ValueError("user: needed when host is set")
+        if bool(self.password) == bool(self.password_file):
+            raise ValueError("password: set exactly one of password and password_file")
+        if self.password_file and not os.access(self.password_file, os.R_OK):
+            raise ValueError(f"password_file: cannot read {self.password_file}")
+        if self.security == "plain" and not self.allow_plain and not is_loopback(self.host):
+            raise ValueError(
+                "security: plain sends the password in clear; only to a loopback host "
+                "(or set allow_plain = true)"
+            )
+        if self.ca_file and not os.access(self.ca_file, os.R_OK):
+            raise ValueError(f"ca_file: cannot read {self.ca_file}")
+        targets = [
+            self.folders.authorized,
+            self.folders.pending,
+            self.folders.unauthorized,
+            self.folders.ignored,
+        ]
+        names = [self.folder, *targets] + ([self.staff_folder] if self.staff_folder else [])
+        if any(not n or any(c in n for c in '\r\n\0"') for n in names):
+            raise ValueError("folders: names must be non-empty, without quotes or line breaks")
+        folded = [n.upper() if n.upper() == "INBOX" else n for n in names]
+        if folded[0] in folded[1:]:
+            raise ValueError(
+                f"folder: {self.folder!r} is also a filing or staff folder (mail would loop)"
+            )
+        if self.staff_folder and self.staff_folder in targets:
+            raise ValueError("staff_folder: is one of the decision folders")
+        if not _ATOM.fullmatch(self.keyword_prefix + "1"):
+            raise ValueError("keyword_prefix: letters, digits and IMAP atom characters only")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.security == "tls" else 143)
+
+    def read_password(self) -> str:
+        """Read at each login, so a rotated password file is picked up."""
+        if self.password:
+            return self.password
+        text = Path(self.password_file).read_text(encoding="utf-8")
+        return text.splitlines()[0] if text else ""
+
+
 class Config(_Section):
     database: DatabaseConfig
     smtp: SmtpConfig
@@ -290,6 +390,7 @@ class Config(_Section):
     templates: TemplatesConfig = TemplatesConfig()
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
+    imap: ImapConfig = ImapConfig()
 
     @model_validator(mode="after")
     def _no_loops(self) -> Config:

@@ -36,6 +36,8 @@ from iqmaild.core.ratelimit import Limits
 from iqmaild.core.tag import TagFormat
 from iqmaild.deliver.compose import Composer
 from iqmaild.deliver.outbox import OutboxWorker
+from iqmaild.imap.staff import StaffFolder
+from iqmaild.ingest.imap import ImapIntake
 from iqmaild.ingest.panel import PanelRequest, panel_message
 from iqmaild.ingest.smtp import DeskHandler, start_listener
 from iqmaild.lifecycle.retention import Retention
@@ -97,6 +99,7 @@ class Parts:
             composer=self.composer,
             connections=self.config.outbound.connections,
             poll_seconds=self.config.processing.poll_seconds,
+            staff_folder=staff_folder(self.config),
         )
 
     def links(self) -> Links:
@@ -110,6 +113,13 @@ class Parts:
             batch_size=self.config.retention.batch_size,
             log=self.log,
         )
+
+
+def staff_folder(config: Config) -> StaffFolder | None:
+    """IMAP mode with imap.staff_folder: staff copies are APPENDed, not relayed."""
+    if config.imap.enabled and config.imap.staff_folder:
+        return StaffFolder(config.imap)
+    return None
 
 
 def build(config: Config, log: Any | None = None, clock: Clock | None = None) -> Parts:
@@ -226,6 +236,7 @@ class Daemon:
         self.http_runner: HttpServer | None = None
         self.smtp_port = 0
         self.http_port = 0
+        self.imap: ImapIntake | None = None
 
     def _committed(self) -> None:
         """Intake committed: classification has work."""
@@ -289,6 +300,11 @@ class Daemon:
             self.web, host, port, self.config.http.max_connections
         )
         self._spawn(self.committer.run(), "group-commit")
+        if self.config.imap.enabled:  # beside SMTP intake, into the same committer
+            self.imap = ImapIntake(
+                self.config, self.committer, self.db, self.clock, self.log, self.metrics
+            )
+            self._spawn(self.imap.run(), "imap")
         if background and self.workers:
             self.worker = Supervisor(self.config, self.log)
             await self.worker.start()
@@ -344,6 +360,9 @@ class Daemon:
                 out.append(f"intake cannot commit (for {now - committer.failed_since:.0f} s)")
             elif error:
                 out.append(f"database does not accept writes: {error}")
+        imap = self.imap
+        if imap is not None and imap.failing_since is not None and now - imap.failing_since > 60:
+            out.append(f"IMAP intake not connected for {now - imap.failing_since:.0f} s")
         if self.worker is not None and not self.worker.alive:
             out.append("worker process is not running")
         for stage, failing in (

@@ -107,3 +107,44 @@ def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     path.write_text(text.replace("/var/lib/iqmaild", str(tmp_path)), encoding="utf-8")
     monkeypatch.setenv("IQMAILD_CONFIG", str(path))
     assert load_config().smtp.listen == "127.0.0.1:2526"
+
+
+def _imap(**values: Any) -> dict[str, Any]:
+    data = _base()
+    data["imap"].update({"host": "imap.iq.pl", "user": "bok@iq.pl", "password": "pw", **values})
+    return data
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"user": ""}, "imap: Value error, user: needed"),
+        ({"password_file": "/etc/passwd"}, "set exactly one of password and password_file"),
+        ({"password": "", "password_file": "/nonexistent/pw"}, "cannot read /nonexistent/pw"),
+        ({"security": "plain"}, "only to a loopback host"),
+        ({"security": "smoke"}, "imap.security"),
+        ({"folder": "Pending"}, "is also a filing or staff folder (mail would loop)"),
+        ({"staff_folder": "inbox"}, "is also a filing or staff folder"),
+        ({"staff_folder": "Authorized"}, "staff_folder: is one of the decision folders"),
+        ({"keyword_prefix": "IQ "}, "keyword_prefix"),
+        ({"idle_renew_seconds": 1800}, "imap.idle_renew_seconds"),
+        ({"folder": 'In"box'}, "without quotes or line breaks"),
+    ],
+)
+def test_imap_mistakes_are_refused(values: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_imap(**values))
+    assert expected.removeprefix("imap: Value error, ") in str(info.value)
+
+
+def test_imap_is_off_by_default_and_plain_is_for_loopback(tmp_path: Path) -> None:
+    assert not parse_config(_base()).imap.enabled
+    config = parse_config(_imap(security="plain", host="127.0.0.1"))
+    assert config.imap.enabled and config.imap.effective_port == 143
+    assert parse_config(_imap(security="plain", host="::1")).imap.enabled
+    assert parse_config(_imap(security="plain", allow_plain=True)).imap.security == "plain"
+    assert parse_config(_imap()).imap.effective_port == 993
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    config = parse_config(_imap(password="", password_file=str(secret)))
+    assert config.imap.read_password() == "s3cret"

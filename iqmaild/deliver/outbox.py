@@ -178,6 +178,7 @@ class OutboxWorker:
         composer: Any = None,
         connections: int = 2,
         poll_seconds: float = 1.0,
+        staff_folder: Any = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -189,6 +190,8 @@ class OutboxWorker:
         self.poll_seconds = poll_seconds  # mail queued by another process is seen this soon
         self.wakeup = asyncio.Event()
         self.relays = [_Relay(self) for _ in range(max(1, connections))]
+        # IMAP mode's imap.staff_folder: staff copies are APPENDed there, not relayed.
+        self.staff_folder = staff_folder
         # Held while rows are on the wire: a graceful stop waits for it, so a row the
         # relay accepted is marked sent and not sent again after a restart.
         self.delivering = asyncio.Lock()
@@ -251,6 +254,8 @@ class OutboxWorker:
         finally:
             for relay in self.relays:
                 await relay.close()
+            if self.staff_folder is not None:
+                await self.staff_folder.close()
 
     async def drain(self) -> int:
         """Send everything that is due now; returns how many rows were attempted."""
@@ -379,7 +384,10 @@ class OutboxWorker:
         content = b""
         try:
             content = await self._content(item)
-            await relay.send(item, content)
+            if self.staff_folder is not None and item.kind == MailKind.STAFF.value:
+                await self._append_staff(content)
+            else:
+                await relay.send(item, content)
         except PermanentDelivery as exc:
             await self._refused(item, exc, content)
             return
@@ -399,6 +407,12 @@ class OutboxWorker:
         if item.kind == MailKind.AUTH_REQUEST.value:
             self.log.info("authlink.sent", outbox=item.id, ticket_id=item.ticket_id)
         self.metrics.inc("outbox_sent_total", kind=item.kind)
+
+    async def _append_staff(self, content: bytes) -> None:
+        try:
+            await self.staff_folder.append(content)
+        except Exception as exc:  # the server or the connection: retried like a 4xx
+            raise TransientDelivery(f"imap staff folder: {type(exc).__name__}: {exc}") from None
 
     async def release_claims(self) -> int:
         """On a graceful stop: rows this instance claimed but did not send go back."""

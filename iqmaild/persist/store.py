@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +116,20 @@ class GroupCommitter:
                 _settle(fut, result)
             self.on_commit()
 
+    async def store_batch(
+        self, items: list[Incoming], also: Callable[[Any, list[Stored]], Awaitable[None]]
+    ) -> list[Stored]:
+        """Store a batch that must commit with something else, in one transaction.
+
+        IMAP intake commits its messages with the folder's last UID and the
+        list of messages to file: a crash before the commit takes them again
+        (nothing skipped), after it takes none twice.
+        """
+        stored = await self._commit(items, also)
+        self.batches += 1
+        self.on_commit()
+        return stored
+
     async def probe(self) -> str | None:
         """Can intake commit? A row written and removed in one real commit; None when fine."""
         item = Incoming(raw=b"", mail_from="", rcpt_to=[], channel="probe")
@@ -133,10 +147,14 @@ class GroupCommitter:
             self.failed_since = None
         return None
 
-    async def _commit(self, items: list[Incoming]) -> list[Stored]:
+    async def _commit(
+        self,
+        items: list[Incoming],
+        also: Callable[[Any, list[Stored]], Awaitable[None]] | None = None,
+    ) -> list[Stored]:
         self.last_attempt = self.clock.monotonic()
         try:
-            stored = await self._insert(items)
+            stored = await self._insert(items, also)
         except Exception as exc:
             if is_outage(exc):  # one bad message is not the database failing
                 self.last_failure = self.clock.monotonic()
@@ -146,7 +164,11 @@ class GroupCommitter:
         self.last_success = self.clock.monotonic()
         return stored
 
-    async def _insert(self, items: list[Incoming]) -> list[Stored]:
+    async def _insert(
+        self,
+        items: list[Incoming],
+        also: Callable[[Any, list[Stored]], Awaitable[None]] | None = None,
+    ) -> list[Stored]:
         keys = [(item.sha256, item.message_id) for item in items]  # hash once per item
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         now = self.clock.now()
@@ -173,11 +195,13 @@ class GroupCommitter:
                 )
                 for sha, message_id, row_id in found:
                     known[(sha, message_id)] = row_id
-        out: list[Stored] = []
-        new = set(fresh)  # the first of identical deliveries in a group is the new one
-        for key in keys:
-            out.append(Stored(known[key], duplicate=key not in new))
-            new.discard(key)
+            out: list[Stored] = []
+            new = set(fresh)  # the first of identical deliveries in a group is the new one
+            for key in keys:
+                out.append(Stored(known[key], duplicate=key not in new))
+                new.discard(key)
+            if also is not None:
+                await also(session, out)
         return out
 
 

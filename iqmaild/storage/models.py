@@ -287,3 +287,35 @@ class AuditEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Retention took the personal details out of ``data`` (never looked at again).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ImapMailbox(Base):
+    """IMAP mode: how far one watched folder has been taken.
+
+    ``last_uid`` is committed in the same transaction as the messages up to it,
+    so a restart neither skips nor takes again what was stored; a new
+    UIDVALIDITY starts the folder over (the delivery index stops duplicates).
+    """
+
+    __tablename__ = "imap_mailboxes"
+
+    mailbox: Mapped[str] = mapped_column(String(500), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ImapFiling(Base):
+    """A stored message still in the watched folder: filed once it has a decision."""
+
+    __tablename__ = "imap_filing"
+
+    mailbox: Mapped[str] = mapped_column(String(500), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    uid: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
