@@ -27,7 +27,9 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=False, default=str),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.ERROR)),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        # One write per line (print() writes the newline apart): the daemon and its
+        # worker share stdout, and their lines must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     # Libraries' own warnings (aiosmtpd, aiohttp, asyncio) become JSON lines too,
