@@ -5,7 +5,10 @@ parser's view of it: that parser ends the headers at the first line it does
 not like (``Cc : x`` in obsolete syntax, a stray line), and everything after it
 would silently become body, including recipients a rule must see. Here every
 field up to the first empty line counts, with whitespace before the colon
-allowed as RFC 5322's obsolete syntax allows it.
+allowed as RFC 5322's obsolete syntax allows it. A bare CR ends a line, as it
+does for the ``email`` package and for clients that show the mail to people: a
+field after one (``Subject: x<CR>Cc: outsider``) is a field, not part of the
+one before. The section itself still ends only at an empty line an MTA sees.
 
 Header parsing in the standard library is superlinear in address count: one
 5 MB Cc would cost minutes of CPU. Every structured parse here sees at most
@@ -23,7 +26,7 @@ from typing import Any
 HEADER_PARSE_LIMIT = 64 * 1024
 MAX_FIELDS = 10_000
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender"})
-_LINE = re.compile(rb"\r\n|\n")
+_LINE = re.compile(rb"\r\n|\r|\n")
 _FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]{1,200})[ \t]*:(.*)", re.DOTALL)
 _LINESEP = re.compile(r"\r\n|\r|\n")
 
