@@ -14,10 +14,14 @@ the header section alone.
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import email
+import html
 import itertools
 import re
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
@@ -271,16 +275,64 @@ def _embedded_headers(msg: EmailMessage) -> str:
     return ""
 
 
+_CODED = ("base64", "quoted-printable")
+
+
+def _payloads(part: Any) -> list[bytes]:
+    """A part's content as the email package decodes it and, where its
+    Content-Transfer-Encoding is written so that the package does not decode it
+    (folded, with a comment) though its header parser and a client read one,
+    decoded by that too; a message/rfc822 part encoded against RFC 2046 decoded."""
+    header = part.get("content-transfer-encoding")
+    cte = getattr(header, "cte", "")
+    if part.is_multipart():
+        # message/rfc822 must not be encoded (RFC 2046 5.2.1); one that is, the
+        # email package parses as if it were not: its "message" is the encoded text
+        inner = part.get_payload()
+        if part.get_content_maintype() != "message" or not inner or cte not in _CODED:
+            return []
+        data: Any = inner[0].as_bytes()
+        return [binascii.a2b_qp(data) if cte == "quoted-printable" else _b64(data)]
+    payload = part.get_payload(decode=True)
+    out = [payload] if isinstance(payload, bytes) else []
+    data = part.get_payload(decode=False)
+    if cte in _CODED and str(header).lower() != cte and data:
+        raw = str(data).encode("ascii", "surrogateescape")
+        out.append(binascii.a2b_qp(raw) if cte == "quoted-printable" else _b64(raw))
+    return out
+
+
+def _b64(data: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(data + b"==")  # lenient, as the email package is
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
-    """Decoded text of the message's parts (nested messages too), bounded."""
+    """Decoded content of the message's parts (nested messages too), bounded: text
+    in its declared charset (UTF-16 hides nothing from a client) and as UTF-8,
+    attachments as their bytes (a returned mail attached as a file is a copy too)."""
     out: list[str] = []
     try:
         for part in itertools.islice(msg.walk(), 200):
-            if part.get_content_maintype() != "text":
+            try:
+                payloads = _payloads(part)
+            except Exception:
                 continue
-            payload = part.get_payload(decode=True) or b""
-            out.append(payload[:budget].decode("utf-8", "replace"))
-            budget -= len(payload)
+            for payload in payloads:
+                data = payload[:budget]
+                if part.get_content_maintype() == "text":
+                    out.append(data.decode("utf-8", "replace"))
+                    try:
+                        charset = codecs.lookup(part.get_content_charset() or "utf-8").name
+                    except LookupError:
+                        charset = "utf-8"
+                    if charset != "utf-8":
+                        out.append(data.decode(charset, "replace"))
+                else:
+                    out.append(data.decode("latin-1"))
+                budget -= len(payload)
             if budget <= 0:
                 break
     except Exception:
@@ -288,28 +340,68 @@ def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
     return out
 
 
-_BASE64 = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*\"?base64")
-_SOFT_BREAK = re.compile(rb"=\r?\n")
+# Charsets in which a link is not ASCII: only a decoder reads it.
+_CHARSET = re.compile(rb"(?i)charset\*|charset[ \t]*=[ \t]*\"?(?:utf-?(?:7|16|32)|ucs|unicode)")
+# Every Content-Transfer-Encoding value, however written (folded, a comment, an
+# encoded word, after a bare CR); the plain ones the raw and QP scans cover.
+_CTE = re.compile(rb"(?i)content-transfer-encoding[ \t]*:[ \t\r\n]*([^\r\n;]{0,40})")
+_PLAIN_CTE = frozenset({b"7bit", b"8bit", b"binary", b"quoted-printable", b""})
 
 
-def _link_tokens(raw: bytes, tree: _Tree, prefix: str) -> tuple[str, ...]:
+def _needs_decoding(head: bytes) -> bool:
+    if _CHARSET.search(head) is not None:
+        return True
+    return any(m.strip().strip(b'"').lower() not in _PLAIN_CTE for m in _CTE.findall(head))
+
+
+_SOFT_BREAK = re.compile(rb"=[ \t]*\r?\n")
+MAX_LINK_TOKENS = 500  # text a forger wrote (a Subject we quote) must not crowd ours out
+TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
+
+
+def _readings(text: str, mark: re.Pattern[str]) -> Iterator[str]:
+    """``text`` and what a browser makes of it: HTML entities, percent escapes (a
+    link a scanner rewrote: ``safelinks...?url=https%3A%2F%2F...``), one at a time;
+    the costly ones only where the text names our links' path (``mark``)."""
+    yield text
+    if mark.search(text) is None:
+        return
+    unescaped = html.unescape(text) if "&" in text else text
+    if unescaped is not text:
+        yield unescaped
+    if "%" in text:
+        yield urllib.parse.unquote(text)
+        if unescaped is not text:
+            yield urllib.parse.unquote(unescaped)
+
+
+def _link_tokens(raw: bytes, tree: _Tree, prefix: str, subject: str = "") -> tuple[str, ...]:
     """Tokens of our authorization links anywhere in the message (a returned link
-    mail, a quote): in the raw text, in quoted-printable with its soft line breaks
-    undone (our links are plain URL characters), and in base64 text parts decoded."""
+    mail, a quote, a forward) in every form a person could open them: the raw
+    text, quoted-printable decoded, every part decoded when anything needs a
+    decoder, HTML entities and percent escapes undone, scheme and host in any
+    case. A copy in any of them now sits in our database and the staff mailbox."""
     if not prefix:
         return ()
-    pattern = re.compile(re.escape(prefix) + _TOKEN)
+    pattern = re.compile("(?i:" + re.escape(prefix) + ")" + _TOKEN)
+    mark = re.compile(re.escape(prefix.rstrip("/").rsplit("/", 1)[-1]), re.IGNORECASE)
     head = raw[: 4 * 1024 * 1024]
-    texts = [head.decode("ascii", "replace")]
-    if b"=\n" in head or b"=\r\n" in head:
-        texts.append(_SOFT_BREAK.sub(b"", head).decode("ascii", "replace"))
-    if _BASE64.search(raw) is not None:
-        texts.extend(_texts(tree.msg))
+
+    def texts() -> Iterator[str]:  # one decoded copy of a 4 MB message at a time
+        yield head.decode("ascii", "replace")
+        yield subject
+        if b"=" in head:
+            yield binascii.a2b_qp(_SOFT_BREAK.sub(b"", head)).decode("ascii", "replace")
+        if _needs_decoding(head):
+            yield from _texts(tree.msg)
+
     found: dict[str, None] = {}
-    for text in texts:
-        for token in pattern.findall(text):
-            found.setdefault(token, None)
-    return tuple(itertools.islice(found, 20))
+    for text in texts():
+        for reading in _readings(text, mark):
+            for token in pattern.findall(reading):
+                found.setdefault(token, None)
+                found.setdefault(token[:TOKEN_LENGTH], None)  # a token run on into text
+    return tuple(itertools.islice(found, MAX_LINK_TOKENS))
 
 
 def _own_mail(fields: Fields, key: bytes, domain: str, message_id: str) -> bool:
@@ -392,7 +484,7 @@ def parse_message(
         returned_outbox_id=_returned_row(rcpt_to or [], ctx),
     )
     thread_index = _word(fields, "thread-index")
-    link_tokens = _link_tokens(raw, tree, ctx.link_prefix)
+    link_tokens = _link_tokens(raw, tree, ctx.link_prefix, subject)
     return ParsedMail(
         facts=facts,
         message_id=message_id,
