@@ -37,6 +37,7 @@ from iqmaild.parse.authres import dmarc_failed
 from iqmaild.parse.dsn import DeliveryReport, read_report
 from iqmaild.parse.headers import (
     HEADER_PARSE_LIMIT,
+    PARSE_BUDGET,
     Fields,
     as_text,
     parse_header,
@@ -99,8 +100,8 @@ def _safe_str(value: Any) -> str:
 
 
 def _first(fields: Fields, name: str) -> str:
-    values = fields.parsed(name)
-    return clean_text(_safe_str(values[0])) if values else ""
+    value = fields.first(name)
+    return clean_text(_safe_str(value)) if value is not None else ""
 
 
 def _word(fields: Fields, name: str) -> str:
@@ -214,8 +215,10 @@ def _from_addresses(fields: Fields) -> tuple[tuple[str, ...], bool]:
     raws = fields.raw("from")
     if any(too_long(raw) for raw in raws):
         return (), True  # never decide identity on a From cut short
+    if len(raws) != 1:
+        return (), True  # several From fields: not one identity (and none parsed)
     headers = fields.parsed("from")
-    if len(raws) != 1 or len(headers) != 1:
+    if len(headers) != 1:
         return (), True
     found, bad, defective = _mailboxes(headers[0])
     return tuple(found), defective or bool(bad) or len(found) != 1
@@ -265,11 +268,16 @@ def _embedded_headers(msg: EmailMessage) -> str:
             if ctype == "message/rfc822":
                 inner = part.get_payload()
                 if isinstance(inner, list) and inner:
-                    return "".join(
-                        f"{k}: {as_text(parse_header(k.lower(), v[:HEADER_PARSE_LIMIT]), 2000)}\n"
-                        for k, v in itertools.islice(inner[0].raw_items(), 100)
-                        if k.lower() not in ("to", "cc", "bcc")
-                    )
+                    out, budget = [], PARSE_BUDGET  # a forged report must not cost more
+                    for k, v in itertools.islice(inner[0].raw_items(), 100):
+                        if k.lower() in ("to", "cc", "bcc"):
+                            continue
+                        value = v[: min(budget, 8000)]  # 2,000 characters are kept of each
+                        budget -= len(value)
+                        out.append(f"{k}: {as_text(parse_header(k.lower(), value), 2000)}\n")
+                        if budget <= 0:
+                            break
+                    return "".join(out)
     except Exception:
         return ""
     return ""
@@ -541,13 +549,9 @@ def mime_defects(raw: bytes) -> list[str]:
 def _all_values(fields: Fields, name: str) -> list[Any]:
     """Parsed values, or the raw text where a value does not parse: a marker a rule
     looks for must never disappear because its header is malformed."""
-    out: list[Any] = []
-    for raw in fields.raw(name):
-        try:
-            out.append(parse_header(name, raw))
-        except Exception:
-            out.append(raw[:HEADER_PARSE_LIMIT])
-    return out
+    return [
+        raw[:HEADER_PARSE_LIMIT] if value is None else value for raw, value in fields.each(name)
+    ]
 
 
 def body_preview(raw: bytes, limit: int = 4000) -> str:
