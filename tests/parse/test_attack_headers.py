@@ -12,6 +12,8 @@ import email
 from email import policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iqmaild.parse.headers import Fields
 from tests.harness import DESK, Harness
@@ -72,3 +74,53 @@ def test_every_field_the_email_package_reads_is_read() -> None:
     assert [(k.lower(), str(v)) for k, v in shown.items()] == [
         (name, value.strip()) for name, value in fields.items
     ]
+
+
+# -- the fast readers against the full parser, over generated header sections ----
+
+_SEPARATORS = [b"\r\n", b"\n", b"\r", b"\r\r\n", b"\n\r", b"\x00\r\n", b" \r\n", b"\r\n\t"]
+_NAMES = [b"From", b"To", b"Cc", b"Subject", b"X-A", b"Cc ", b"cC", b"Content-Type", b"Bcc"]
+_VALUES = [
+    b"owner@acme.test",
+    OUTSIDER.encode(),
+    b"Evil <outsider@evil.test>",
+    b"=?utf-8?q?x?= <outsider@evil.test>",
+    b"bok@desk.test",
+    b"multipart/report; report-type=delivery-status; boundary=x",
+    b"(c) outsider@evil.test",
+    b'"a\\"b" <outsider@evil.test>',
+    b"outsider@evil.test (c",
+    b"g: outsider@evil.test;",
+    b"outsider@evil.test\x0b",
+    b"\xc3\xa9 <outsider@evil.test>",
+]
+_FIELD = st.tuples(
+    st.sampled_from(_NAMES),
+    st.sampled_from([b" ", b"", b"\t", b"\r\n "]),
+    st.sampled_from(_VALUES),
+    st.sampled_from(_SEPARATORS),
+).map(lambda t: t[0] + b":" + t[1] + t[2] + t[3])
+_SECTIONS = st.tuples(
+    st.lists(_FIELD, min_size=1, max_size=6), st.sampled_from([b"\r\n", b"", b"\n"])
+).map(lambda t: b"".join(t[0]) + t[1] + b"body\r\n")
+
+
+@given(_SECTIONS)
+@settings(database=None, deadline=None, max_examples=2000)
+def test_no_recipient_or_report_the_email_package_reads_is_missed(raw: bytes) -> None:
+    from iqmaild.core.addresses import normalize
+    from iqmaild.parse.message import _may_be_report, _recipients, _report_type, _utf8
+
+    shown = email.message_from_bytes(raw, policy=policy.default)
+    recipients, unreadable = _recipients(Fields.of(raw))
+    for name in ("to", "cc"):
+        try:
+            addresses = [a for h in shown.get_all(name) or [] for a in h.addresses]
+        except AttributeError:  # the stdlib's own bug on a group ending in NUL
+            assert unreadable, raw
+            continue
+        for address in addresses:
+            norm = normalize(_utf8(address.addr_spec) or "")
+            assert norm in recipients or unreadable, (raw, address.addr_spec)
+    if _report_type(shown) is not None:  # type: ignore[arg-type]
+        assert _may_be_report(Fields.of(raw)), raw
