@@ -365,22 +365,39 @@ def _needs_decoding(head: bytes) -> bool:
 _SOFT_BREAK = re.compile(rb"=[ \t]*\r?\n")
 MAX_LINK_TOKENS = 500  # text a forger wrote (a Subject we quote) must not crowd ours out
 TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
+READING_BUDGET = 256 * 1024  # characters around our path decoded as a browser would
 
 
 def _readings(text: str, mark: re.Pattern[str]) -> Iterator[str]:
     """``text`` and what a browser makes of it: HTML entities, percent escapes (a
     link a scanner rewrote: ``safelinks...?url=https%3A%2F%2F...``), one at a time;
-    the costly ones only where the text names our links' path (``mark``)."""
+    those only around the places that name our links' path (``mark``), and at
+    most `READING_BUDGET` characters of them, so hostile text costs no more."""
     yield text
-    if mark.search(text) is None:
-        return
-    unescaped = html.unescape(text) if "&" in text else text
-    if unescaped is not text:
-        yield unescaped
-    if "%" in text:
-        yield urllib.parse.unquote(text)
-        if unescaped is not text:
-            yield urllib.parse.unquote(unescaped)
+    for window in _windows(text, mark):
+        unescaped = html.unescape(window) if "&" in window else window
+        if unescaped is not window:
+            yield unescaped
+        if "%" in window:
+            yield urllib.parse.unquote(window)
+            if unescaped is not window:
+                yield urllib.parse.unquote(unescaped)
+
+
+def _windows(text: str, mark: re.Pattern[str]) -> list[str]:
+    spans: list[list[int]] = []
+    total = 0
+    for match in mark.finditer(text):
+        start, end = max(0, match.start() - 512), match.end() + 512
+        if spans and start <= spans[-1][1]:
+            total += end - spans[-1][1]
+            spans[-1][1] = end
+        else:
+            total += end - start
+            spans.append([start, end])
+        if total > READING_BUDGET:
+            break
+    return [text[start:end] for start, end in spans]
 
 
 def _link_tokens(raw: bytes, tree: _Tree, prefix: str, subject: str = "") -> tuple[str, ...]:
