@@ -110,17 +110,29 @@ def _word(fields: Fields, name: str) -> str:
 
 
 class _Tree:
-    """The MIME tree, built on first use and at most once."""
+    """The MIME tree, built on first use and at most once.
+
+    The stdlib cannot build every tree (``charset*=utf-16''x`` raises while the
+    parameter is decoded, 3,000 nested parts raise RecursionError); then the tree
+    is an empty message and the failure a defect, and every fact that comes from
+    the header section or the envelope stands: a report to our signed return
+    address stays a report, whatever it quotes.
+    """
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._msg: EmailMessage | None = None
+        self.error: str | None = None
 
     @property
     def msg(self) -> EmailMessage:
         if self._msg is None:
-            self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
-        return self._msg
+            try:
+                self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
+            except Exception as exc:
+                self.error = f"ParseFailure:{type(exc).__name__}"
+                self._msg = EmailMessage()
+        return self._msg  # type: ignore[return-value]
 
     @property
     def built(self) -> bool:
@@ -549,6 +561,8 @@ def _may_be_report(fields: Fields) -> bool:
 def _defects(fields: Fields, tree: _Tree) -> tuple[str, ...]:
     """Structural defects: of the MIME tree when it was built, else of the header
     section (`mime_defects` finds the rest for an operator who asks)."""
+    if tree.error is not None:
+        return (tree.error,)
     if tree.built:
         return tuple(type(d).__name__ for d in getattr(tree.msg, "defects", []))
     return ("MissingHeaderBodySeparatorDefect",) if fields.stray_lines else ()
@@ -583,16 +597,32 @@ def body_preview(raw: bytes, limit: int = 4000) -> str:
         return "(body could not be decoded)"
 
 
-def unparsable(raw: bytes, *, channel: Channel, error: BaseException) -> ParsedMail:
+def unparsable(
+    raw: bytes,
+    *,
+    channel: Channel,
+    error: BaseException,
+    mail_from: str = "",
+    rcpt_to: list[str] | None = None,
+    ctx: ParseContext | None = None,
+) -> ParsedMail:
     """Facts for a message the parser gave up on: no trustworthy sender at all.
 
-    It is still stored, classified (``malformed_sender``) and shown to staff.
+    It is still stored, classified (``malformed_sender``) and shown to staff; what
+    the envelope says needs no parser, so a report to our signed return address
+    is still filed under its row (and never copied twice), a bounce still ignored.
     """
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     match = re.search(rb"^subject:[ \t]*([^\r\n]*)", head, re.IGNORECASE | re.MULTILINE)
     subject = clean_text(match.group(1).decode("utf-8", "replace"), 500) if match else ""
     facts = MessageFacts(
-        channel=channel, from_addresses=(), from_defect=True, recipients=(), subject=subject
+        channel=channel,
+        from_addresses=(),
+        from_defect=True,
+        recipients=(),
+        subject=subject,
+        null_return_path=mail_from.strip() in ("", "<>"),
+        returned_outbox_id=_returned_row(rcpt_to or [], ctx) if ctx is not None else None,
     )
     return ParsedMail(
         facts=facts,
