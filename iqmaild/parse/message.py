@@ -114,7 +114,7 @@ class _Tree:
 
     The stdlib cannot build every tree (``charset*=utf-16''x`` raises while the
     parameter is decoded, 3,000 nested parts raise RecursionError); then the tree
-    is an empty message and the failure a defect, and every fact that comes from
+    is the legacy API's (or an empty message) and the failure a defect; every fact from
     the header section or the envelope stands: a report to our signed return
     address stays a report, whatever it quotes.
     """
@@ -131,7 +131,10 @@ class _Tree:
                 self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
             except Exception as exc:
                 self.error = f"ParseFailure:{type(exc).__name__}"
-                self._msg = EmailMessage()
+                try:  # the legacy API parses parameters without decoding them
+                    self._msg = email.message_from_bytes(self.raw)  # type: ignore[assignment]
+                except Exception:
+                    self._msg = EmailMessage()
         return self._msg  # type: ignore[return-value]
 
     @property

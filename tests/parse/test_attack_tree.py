@@ -13,6 +13,8 @@ own mail was malformed.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from sqlalchemy import select
 
@@ -100,3 +102,20 @@ async def test_a_report_the_parser_gives_up_on_is_still_filed_under_its_row(
     assert (row.state, row.decision, row.rules_hit[0]) == ("processed", "ignored", "returned_mail")
     assert row.outbox_ref is not None
     assert desk.new_mail() == []
+
+
+async def test_a_base64_link_in_such_a_mail_is_spent(desk: Harness) -> None:
+    await desk.send(subject="Zmiana hasla")
+    await desk.drain()
+    [link_mail] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    path = link_in(link_mail)
+    encoded = base64.encodebytes(f"http://127.0.0.1:8026{path}".encode()).decode()
+    forward = (
+        f"From: {OWNER}\r\nTo: {DESK}\r\nSubject: Fwd\r\nMessage-ID: <poison-b64@client.test>\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        f"--b\r\n{POISON}\r\n{encoded}--b--\r\n"
+    ).encode()
+    assert (await desk.send_raw(forward))[0] == 250
+    await desk.drain()
+    async with desk.http.get(desk.base_url + path) as resp:
+        assert resp.status == 410
