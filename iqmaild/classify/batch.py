@@ -194,7 +194,14 @@ class Classifier:
             )
         except Exception as exc:  # e.g. RecursionError on absurd MIME nesting
             self.log.warning("message.unparsable", message=claimed.id, error=type(exc).__name__)
-            parsed = unparsable(claimed.raw, channel=channel, error=exc)
+            parsed = unparsable(
+                claimed.raw,
+                channel=channel,
+                error=exc,
+                mail_from=claimed.mail_from,
+                rcpt_to=claimed.rcpt_to,
+                ctx=self.context,
+            )
         if channel is Channel.PANEL:
             facts = replace(
                 parsed.facts,

@@ -14,10 +14,14 @@ the header section alone.
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import email
+import html
 import itertools
 import re
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
@@ -33,6 +37,7 @@ from iqmaild.parse.authres import dmarc_failed
 from iqmaild.parse.dsn import DeliveryReport, read_report
 from iqmaild.parse.headers import (
     HEADER_PARSE_LIMIT,
+    PARSE_BUDGET,
     Fields,
     as_text,
     parse_header,
@@ -95,8 +100,8 @@ def _safe_str(value: Any) -> str:
 
 
 def _first(fields: Fields, name: str) -> str:
-    values = fields.parsed(name)
-    return clean_text(_safe_str(values[0])) if values else ""
+    value = fields.first(name)
+    return clean_text(_safe_str(value)) if value is not None else ""
 
 
 def _word(fields: Fields, name: str) -> str:
@@ -105,17 +110,32 @@ def _word(fields: Fields, name: str) -> str:
 
 
 class _Tree:
-    """The MIME tree, built on first use and at most once."""
+    """The MIME tree, built on first use and at most once.
+
+    The stdlib cannot build every tree (``charset*=utf-16''x`` raises while the
+    parameter is decoded, 3,000 nested parts raise RecursionError); then the tree
+    is the legacy API's (or an empty message) and the failure a defect; every fact from
+    the header section or the envelope stands: a report to our signed return
+    address stays a report, whatever it quotes.
+    """
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self._msg: EmailMessage | None = None
+        self.error: str | None = None
 
     @property
     def msg(self) -> EmailMessage:
         if self._msg is None:
-            self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
-        return self._msg
+            try:
+                self._msg = email.message_from_bytes(self.raw, policy=policy.default)  # type: ignore[assignment]
+            except Exception as exc:
+                self.error = f"ParseFailure:{type(exc).__name__}"
+                try:  # the legacy API parses parameters without decoding them
+                    self._msg = email.message_from_bytes(self.raw)  # type: ignore[assignment]
+                except Exception:
+                    self._msg = EmailMessage()
+        return self._msg  # type: ignore[return-value]
 
     @property
     def built(self) -> bool:
@@ -210,8 +230,10 @@ def _from_addresses(fields: Fields) -> tuple[tuple[str, ...], bool]:
     raws = fields.raw("from")
     if any(too_long(raw) for raw in raws):
         return (), True  # never decide identity on a From cut short
+    if len(raws) != 1:
+        return (), True  # several From fields: not one identity (and none parsed)
     headers = fields.parsed("from")
-    if len(raws) != 1 or len(headers) != 1:
+    if len(headers) != 1:
         return (), True
     found, bad, defective = _mailboxes(headers[0])
     return tuple(found), defective or bool(bad) or len(found) != 1
@@ -261,26 +283,79 @@ def _embedded_headers(msg: EmailMessage) -> str:
             if ctype == "message/rfc822":
                 inner = part.get_payload()
                 if isinstance(inner, list) and inner:
-                    return "".join(
-                        f"{k}: {as_text(parse_header(k.lower(), v[:HEADER_PARSE_LIMIT]), 2000)}\n"
-                        for k, v in itertools.islice(inner[0].raw_items(), 100)
-                        if k.lower() not in ("to", "cc", "bcc")
-                    )
+                    out, budget = [], PARSE_BUDGET  # a forged report must not cost more
+                    for k, v in itertools.islice(inner[0].raw_items(), 100):
+                        if k.lower() in ("to", "cc", "bcc"):
+                            continue
+                        value = v[: min(budget, 8000)]  # 2,000 characters are kept of each
+                        budget -= len(value)
+                        out.append(f"{k}: {as_text(parse_header(k.lower(), value), 2000)}\n")
+                        if budget <= 0:
+                            break
+                    return "".join(out)
     except Exception:
         return ""
     return ""
 
 
+_CODED = ("base64", "quoted-printable")
+
+
+def _payloads(part: Any) -> list[bytes]:
+    """A part's content as the email package decodes it and, where its
+    Content-Transfer-Encoding is written so that the package does not decode it
+    (folded, with a comment) though its header parser and a client read one,
+    decoded by that too; a message/rfc822 part encoded against RFC 2046 decoded."""
+    header = part.get("content-transfer-encoding")
+    cte = getattr(header, "cte", "")
+    if part.is_multipart():
+        # message/rfc822 must not be encoded (RFC 2046 5.2.1); one that is, the
+        # email package parses as if it were not: its "message" is the encoded text
+        inner = part.get_payload()
+        if part.get_content_maintype() != "message" or not inner or cte not in _CODED:
+            return []
+        data: Any = inner[0].as_bytes()
+        return [binascii.a2b_qp(data) if cte == "quoted-printable" else _b64(data)]
+    payload = part.get_payload(decode=True)
+    out = [payload] if isinstance(payload, bytes) else []
+    data = part.get_payload(decode=False)
+    if cte in _CODED and str(header).lower() != cte and data:
+        raw = str(data).encode("ascii", "surrogateescape")
+        out.append(binascii.a2b_qp(raw) if cte == "quoted-printable" else _b64(raw))
+    return out
+
+
+def _b64(data: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(data + b"==")  # lenient, as the email package is
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
-    """Decoded text of the message's parts (nested messages too), bounded."""
+    """Decoded content of the message's parts (nested messages too), bounded: text
+    in its declared charset (UTF-16 hides nothing from a client) and as UTF-8,
+    attachments as their bytes (a returned mail attached as a file is a copy too)."""
     out: list[str] = []
     try:
         for part in itertools.islice(msg.walk(), 200):
-            if part.get_content_maintype() != "text":
+            try:
+                payloads = _payloads(part)
+            except Exception:
                 continue
-            payload = part.get_payload(decode=True) or b""
-            out.append(payload[:budget].decode("utf-8", "replace"))
-            budget -= len(payload)
+            for payload in payloads:
+                data = payload[:budget]
+                if part.get_content_maintype() == "text":
+                    out.append(data.decode("utf-8", "replace"))
+                    try:
+                        charset = codecs.lookup(part.get_content_charset() or "utf-8").name
+                    except LookupError:
+                        charset = "utf-8"
+                    if charset != "utf-8":
+                        out.append(data.decode(charset, "replace"))
+                else:
+                    out.append(data.decode("latin-1"))
+                budget -= len(payload)
             if budget <= 0:
                 break
     except Exception:
@@ -288,28 +363,85 @@ def _texts(msg: EmailMessage, budget: int = 2 * 1024 * 1024) -> list[str]:
     return out
 
 
-_BASE64 = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*\"?base64")
-_SOFT_BREAK = re.compile(rb"=\r?\n")
+# Charsets in which a link is not ASCII: only a decoder reads it.
+_CHARSET = re.compile(rb"(?i)charset\*|charset[ \t]*=[ \t]*\"?(?:utf-?(?:7|16|32)|ucs|unicode)")
+# Every Content-Transfer-Encoding value, however written (folded, a comment, an
+# encoded word, after a bare CR); the plain ones the raw and QP scans cover.
+_CTE = re.compile(rb"(?i)content-transfer-encoding[ \t]*:[ \t\r\n]*([^\r\n;]{0,40})")
+_PLAIN_CTE = frozenset({b"7bit", b"8bit", b"binary", b"quoted-printable", b""})
 
 
-def _link_tokens(raw: bytes, tree: _Tree, prefix: str) -> tuple[str, ...]:
+def _needs_decoding(head: bytes) -> bool:
+    if _CHARSET.search(head) is not None:
+        return True
+    return any(m.strip().strip(b'"').lower() not in _PLAIN_CTE for m in _CTE.findall(head))
+
+
+_SOFT_BREAK = re.compile(rb"=[ \t]*\r?\n")
+MAX_LINK_TOKENS = 500  # text a forger wrote (a Subject we quote) must not crowd ours out
+TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
+READING_BUDGET = 256 * 1024  # characters around our path decoded as a browser would
+
+
+def _readings(text: str, mark: re.Pattern[str]) -> Iterator[str]:
+    """``text`` and what a browser makes of it: HTML entities, percent escapes (a
+    link a scanner rewrote: ``safelinks...?url=https%3A%2F%2F...``), one at a time;
+    those only around the places that name our links' path (``mark``), and at
+    most `READING_BUDGET` characters of them, so hostile text costs no more."""
+    yield text
+    for window in _windows(text, mark):
+        unescaped = html.unescape(window) if "&" in window else window
+        if unescaped is not window:
+            yield unescaped
+        if "%" in window:
+            yield urllib.parse.unquote(window)
+            if unescaped is not window:
+                yield urllib.parse.unquote(unescaped)
+
+
+def _windows(text: str, mark: re.Pattern[str]) -> list[str]:
+    spans: list[list[int]] = []
+    total = 0
+    for match in mark.finditer(text):
+        start, end = max(0, match.start() - 512), match.end() + 512
+        if spans and start <= spans[-1][1]:
+            total += end - spans[-1][1]
+            spans[-1][1] = end
+        else:
+            total += end - start
+            spans.append([start, end])
+        if total > READING_BUDGET:
+            break
+    return [text[start:end] for start, end in spans]
+
+
+def _link_tokens(raw: bytes, tree: _Tree, prefix: str, subject: str = "") -> tuple[str, ...]:
     """Tokens of our authorization links anywhere in the message (a returned link
-    mail, a quote): in the raw text, in quoted-printable with its soft line breaks
-    undone (our links are plain URL characters), and in base64 text parts decoded."""
+    mail, a quote, a forward) in every form a person could open them: the raw
+    text, quoted-printable decoded, every part decoded when anything needs a
+    decoder, HTML entities and percent escapes undone, scheme and host in any
+    case. A copy in any of them now sits in our database and the staff mailbox."""
     if not prefix:
         return ()
-    pattern = re.compile(re.escape(prefix) + _TOKEN)
+    pattern = re.compile("(?i:" + re.escape(prefix) + ")" + _TOKEN)
+    mark = re.compile(re.escape(prefix.rstrip("/").rsplit("/", 1)[-1]), re.IGNORECASE)
     head = raw[: 4 * 1024 * 1024]
-    texts = [head.decode("ascii", "replace")]
-    if b"=\n" in head or b"=\r\n" in head:
-        texts.append(_SOFT_BREAK.sub(b"", head).decode("ascii", "replace"))
-    if _BASE64.search(raw) is not None:
-        texts.extend(_texts(tree.msg))
+
+    def texts() -> Iterator[str]:  # one decoded copy of a 4 MB message at a time
+        yield head.decode("ascii", "replace")
+        yield subject
+        if b"=" in head:
+            yield binascii.a2b_qp(_SOFT_BREAK.sub(b"", head)).decode("ascii", "replace")
+        if _needs_decoding(head):
+            yield from _texts(tree.msg)
+
     found: dict[str, None] = {}
-    for text in texts:
-        for token in pattern.findall(text):
-            found.setdefault(token, None)
-    return tuple(itertools.islice(found, 20))
+    for text in texts():
+        for reading in _readings(text, mark):
+            for token in pattern.findall(reading):
+                found.setdefault(token, None)
+                found.setdefault(token[:TOKEN_LENGTH], None)  # a token run on into text
+    return tuple(itertools.islice(found, MAX_LINK_TOKENS))
 
 
 def _own_mail(fields: Fields, key: bytes, domain: str, message_id: str) -> bool:
@@ -392,7 +524,7 @@ def parse_message(
         returned_outbox_id=_returned_row(rcpt_to or [], ctx),
     )
     thread_index = _word(fields, "thread-index")
-    link_tokens = _link_tokens(raw, tree, ctx.link_prefix)
+    link_tokens = _link_tokens(raw, tree, ctx.link_prefix, subject)
     return ParsedMail(
         facts=facts,
         message_id=message_id,
@@ -432,6 +564,8 @@ def _may_be_report(fields: Fields) -> bool:
 def _defects(fields: Fields, tree: _Tree) -> tuple[str, ...]:
     """Structural defects: of the MIME tree when it was built, else of the header
     section (`mime_defects` finds the rest for an operator who asks)."""
+    if tree.error is not None:
+        return (tree.error,)
     if tree.built:
         return tuple(type(d).__name__ for d in getattr(tree.msg, "defects", []))
     return ("MissingHeaderBodySeparatorDefect",) if fields.stray_lines else ()
@@ -449,13 +583,9 @@ def mime_defects(raw: bytes) -> list[str]:
 def _all_values(fields: Fields, name: str) -> list[Any]:
     """Parsed values, or the raw text where a value does not parse: a marker a rule
     looks for must never disappear because its header is malformed."""
-    out: list[Any] = []
-    for raw in fields.raw(name):
-        try:
-            out.append(parse_header(name, raw))
-        except Exception:
-            out.append(raw[:HEADER_PARSE_LIMIT])
-    return out
+    return [
+        raw[:HEADER_PARSE_LIMIT] if value is None else value for raw, value in fields.each(name)
+    ]
 
 
 def body_preview(raw: bytes, limit: int = 4000) -> str:
@@ -470,16 +600,32 @@ def body_preview(raw: bytes, limit: int = 4000) -> str:
         return "(body could not be decoded)"
 
 
-def unparsable(raw: bytes, *, channel: Channel, error: BaseException) -> ParsedMail:
+def unparsable(
+    raw: bytes,
+    *,
+    channel: Channel,
+    error: BaseException,
+    mail_from: str = "",
+    rcpt_to: list[str] | None = None,
+    ctx: ParseContext | None = None,
+) -> ParsedMail:
     """Facts for a message the parser gave up on: no trustworthy sender at all.
 
-    It is still stored, classified (``malformed_sender``) and shown to staff.
+    It is still stored, classified (``malformed_sender``) and shown to staff; what
+    the envelope says needs no parser, so a report to our signed return address
+    is still filed under its row (and never copied twice), a bounce still ignored.
     """
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     match = re.search(rb"^subject:[ \t]*([^\r\n]*)", head, re.IGNORECASE | re.MULTILINE)
     subject = clean_text(match.group(1).decode("utf-8", "replace"), 500) if match else ""
     facts = MessageFacts(
-        channel=channel, from_addresses=(), from_defect=True, recipients=(), subject=subject
+        channel=channel,
+        from_addresses=(),
+        from_defect=True,
+        recipients=(),
+        subject=subject,
+        null_return_path=mail_from.strip() in ("", "<>"),
+        returned_outbox_id=_returned_row(rcpt_to or [], ctx) if ctx is not None else None,
     )
     return ParsedMail(
         facts=facts,
