@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import socket
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from iqmaild import logs
 from iqmaild.apply.effects import Applier, Settings
@@ -45,7 +46,8 @@ from iqmaild.persist.store import GroupCommitter
 from iqmaild.rendering import Renderer
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database, InstanceLock
-from iqmaild.storage.models import Message, Ticket
+from iqmaild.storage.models import Message, OutboxItem, Ticket
+from iqmaild.systemd import child_environment
 from iqmaild.web.app import HttpServer, WebApp, start_http
 
 
@@ -177,6 +179,56 @@ def policy_config(config: Config) -> PolicyConfig:
     )
 
 
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+# Keys a reload applies to the running process; every other change needs a restart.
+LIVE_KEYS = (
+    "logging.level",
+    "templates.",
+    "outbound.rate_limit.",
+    "http.authorize_attempts",
+    "http.panel_failures",
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    before, after = _flat(old.model_dump(by_alias=True)), _flat(new.model_dump(by_alias=True))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def reload_parts(parts: Parts, new: Config) -> list[str]:
+    """Apply what can change live (SIGHUP): templates (always re-read, also an unchanged
+    override directory's edited files), rate limits, the log level.
+
+    The directory has no cache to drop: it is read from the database per message,
+    so an import is seen by the next message without a reload. Returns what was
+    reloaded; the caller logs the changed keys that still need a restart.
+    """
+    logs.set_level(new.logging.level)
+    override = Path(new.templates.override_dir) if new.templates.override_dir else None
+    parts.renderer = Renderer(override_dir=override)
+    parts.composer.renderer = parts.renderer
+    limits = new.outbound.rate_limit
+    parts.applier.settings = dataclasses.replace(
+        parts.applier.settings,
+        limits=Limits(
+            per_recipient_10min=limits.per_recipient_10min,
+            per_recipient_day=limits.per_recipient_day,
+            per_ticket_day=limits.per_ticket_day,
+            unknown_sender_domain_hour=limits.unknown_sender_domain_hour,
+            unknown_sender_hour=limits.unknown_sender_hour,
+        ),
+    )
+    return ["templates", "outbound.rate_limit", f"logging.level={new.logging.level}"]
+
+
 class Daemon:
     """Owns every task, server and the worker of one instance; ``start``/``stop`` in one loop.
 
@@ -206,6 +258,7 @@ class Daemon:
             self.db, self.clock, config.smtp.group_commit_max, self._committed
         )
         self.worker: Supervisor | None = None
+        self.loaded = config  # the config of the last (re)load: what a reload compares to
         self.web = WebApp(
             config,
             self.db,
@@ -354,6 +407,71 @@ class Daemon:
                 out.append(f"{stage} has been failing for {now - failing:.0f} s")
         return out
 
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """SIGHUP: apply what can change live here and in the worker; log what it did.
+
+        ``needs_restart`` lists the changed keys this process keeps at their old
+        value (listeners, database, the secret key...) until the next restart.
+        """
+        changed = changed_keys(self.loaded, new)
+        reloaded = reload_parts(self.parts, new)
+        self.web.renderer = self.parts.renderer
+        self.web.limiter.limit = new.http.authorize_attempts_per_minute
+        self.web.panel_failures.limit = new.http.panel_failures_per_minute
+        reloaded.append("http rate limits")
+        if self.worker is not None:
+            self.worker.reload(new)
+            reloaded.append("worker")
+        self.loaded = new
+        needs_restart = [k for k in changed if not k.startswith(LIVE_KEYS)]
+        report = {"reloaded": reloaded, "changed": changed, "needs_restart": needs_restart}
+        self.log.info("daemon.reloaded", **report)
+        return report
+
+    async def backlog(self) -> dict[str, Any]:
+        """What waits: received mail not yet classified, outbox rows not yet sent (by
+        kind), with the age of the oldest of each; for /healthz, /metrics, STATUS=."""
+        now = self.clock.now()
+        async with self.db.read() as session:
+            received = (
+                await session.execute(
+                    select(func.count(), func.min(Message.received_at)).where(
+                        Message.state == "received"
+                    )
+                )
+            ).one()
+            rows = await session.execute(
+                select(OutboxItem.kind, func.count(), func.min(OutboxItem.created_at))
+                .where(OutboxItem.state.in_(("queued", "sending")))
+                .group_by(OutboxItem.kind)
+            )
+            outbox = {kind: (count, oldest) for kind, count, oldest in rows}
+
+        def age(when: Any) -> float:
+            return max((now - when).total_seconds(), 0.0) if when is not None else 0.0
+
+        return {
+            "classifier": {"count": int(received[0]), "oldest_seconds": age(received[1])},
+            "outbox": {
+                kind: {"count": int(count), "oldest_seconds": age(oldest)}
+                for kind, (count, oldest) in outbox.items()
+            },
+        }
+
+    async def status_line(self) -> str:
+        """STATUS= for systemctl status: one line an operator reads at a glance."""
+        try:
+            backlog = await self.backlog()
+        except Exception as exc:
+            return f"database unavailable ({type(exc).__name__})"
+        outbox = backlog["outbox"]
+        queued = sum(v["count"] for v in outbox.values())
+        oldest = max((v["oldest_seconds"] for v in outbox.values()), default=0.0)
+        classifier = backlog["classifier"]
+        return (
+            f"backlog: {classifier['count']} to classify, {queued} to send (oldest {oldest:.0f} s)"
+        )
+
     async def _classify_loop(self) -> None:
         await classify_loop(self.classifier, self.outbox.notify, self.log, self.clock)
 
@@ -423,6 +541,7 @@ class Supervisor:
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.restarts = 0
+        self.reloaded: Config | None = None  # a restarted worker gets the last reload too
 
     @property
     def alive(self) -> bool:
@@ -437,9 +556,22 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE,
             stdout=None,  # JSON lines, like ours: journald keeps both
             stderr=None,
+            env=child_environment(),
         )
         assert self.proc.stdin is not None
         self.proc.stdin.write(self.config.model_dump_json(by_alias=True).encode() + b"\n")
+        if self.reloaded is not None:
+            self.reload(self.reloaded)
+
+    def reload(self, config: Config) -> None:
+        """Hand a reloaded config to the worker: ``C`` + its JSON + newline on stdin
+        (a lone ``w`` is a wake-up)."""
+        self.reloaded = config
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            proc.stdin.write(b"C" + config.model_dump_json(by_alias=True).encode() + b"\n")
 
     def wake(self) -> None:
         proc = self.proc

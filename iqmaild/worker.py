@@ -17,7 +17,7 @@ import sys
 
 from iqmaild import logs
 from iqmaild.config import Config
-from iqmaild.service import build, classify_loop
+from iqmaild.service import build, classify_loop, reload_parts
 
 
 async def main() -> int:
@@ -39,6 +39,9 @@ async def main() -> int:
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    # A HUP sent to the whole unit must not end us: the daemon re-reads the config
+    # file and hands it over on stdin (we have no file of our own to re-read).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("worker.sighup_ignored"))
     tasks = [
         asyncio.create_task(
             classify_loop(
@@ -49,9 +52,28 @@ async def main() -> int:
         asyncio.create_task(outbox.run(), name="outbox"),
     ]
 
+    def reload(line: bytes) -> None:
+        try:
+            new = Config.model_validate_json(line)
+        except ValueError as exc:  # the daemon validated it: only a bug lands here
+            log.error("worker.reload_failed", error=str(exc)[:300])
+            return
+        log.info("worker.reloaded", reloaded=reload_parts(parts, new))
+
     async def wake_ups() -> None:
-        while chunk := await reader.read(4096):
-            if chunk:
+        buffer = b""
+        while chunk := await reader.read(65536):
+            buffer += chunk
+            while buffer:
+                if buffer.startswith(b"C"):  # C{config json}\n: a reload (SIGHUP)
+                    line, newline, rest = buffer[1:].partition(b"\n")
+                    if not newline:
+                        break  # the rest of the line is still on its way
+                    buffer = rest
+                    reload(line)
+                    continue
+                wakes = len(buffer) - len(buffer.lstrip(b"w"))
+                buffer = buffer[wakes or 1 :]  # w: intake committed (unknown bytes skipped)
                 classifier.notify()
                 outbox.notify()
         done.set()  # stdin closed: the daemon is gone or stopping
