@@ -17,7 +17,7 @@ import sys
 
 from iqmaild import logs
 from iqmaild.config import Config
-from iqmaild.service import build, classify_loop, reload_parts
+from iqmaild.service import STATUS_FD_VAR, build, classify_loop, reload_parts, worker_report
 
 
 async def main() -> int:
@@ -78,7 +78,27 @@ async def main() -> int:
                 outbox.notify()
         done.set()  # stdin closed: the daemon is gone or stopping
 
+    async def report() -> None:
+        """Metrics and stage state to the daemon, once a second (it renders /metrics)."""
+        fd = os.environ.get(STATUS_FD_VAR, "")
+        if not fd.isdigit():
+            return
+        pipe = os.fdopen(int(fd), "wb", buffering=0)
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        try:
+            while True:
+                if transport.is_closing():
+                    return  # the daemon is gone
+                if transport.get_write_buffer_size() < 1 << 20:  # never pile up unread
+                    transport.write(worker_report(outbox, classifier, parts.metrics))
+                await asyncio.sleep(1.0)
+        finally:
+            if not transport.is_closing():
+                transport.write(worker_report(outbox, classifier, parts.metrics))
+            transport.close()
+
     listener = asyncio.create_task(wake_ups(), name="wake-ups")
+    reporter = asyncio.create_task(report(), name="report")
     log.info("worker.started", instance=parts.instance)
     await done.wait()
     listener.cancel()
@@ -92,6 +112,8 @@ async def main() -> int:
     for task in tasks:
         task.cancel()
     await asyncio.wait(tasks, timeout=10)
+    reporter.cancel()  # its last report carries the final counts
+    await asyncio.wait([reporter], timeout=5)
     await parts.db.dispose()
     log.info("worker.stopped")
     return 0

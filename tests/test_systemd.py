@@ -53,6 +53,7 @@ class NotifySocket:
             self.env = str(path)
         self.sock.setblocking(False)
         self.received: list[dict[str, str]] = []
+        self.seen = 0  # wait_for's place in `received`
 
     def drain(self) -> list[dict[str, str]]:
         """Every datagram that arrived since the last call, as KEY=value dicts."""
@@ -67,9 +68,13 @@ class NotifySocket:
         return out
 
     async def wait_for(self, key: str, seconds: float = 30.0) -> dict[str, str]:
+        """The next datagram (after the last one waited for) that carries ``key``."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            for message in self.drain():
+            self.drain()
+            while self.seen < len(self.received):
+                message = self.received[self.seen]
+                self.seen += 1
                 if key in message:
                     return message
             await asyncio.sleep(0.02)
@@ -182,6 +187,7 @@ async def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
         await asyncio.sleep(1.0)  # ten intervals, all inside the four blocked seconds
         assert [m for m in notify.drain() if "WATCHDOG" in m] == []
         assert "test.loop_unblocked" not in served.log_events()
+        notify.seen = len(notify.received)
         await notify.wait_for("WATCHDOG")  # the loop turns again: fed again
         assert "test.loop_unblocked" in served.log_events()
 

@@ -212,6 +212,7 @@ class _DeskSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self.limits.sessions >= self.limits.max_sessions:
+            self.event_handler.metrics.inc("smtp_replies_total", code="421")
             transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
@@ -283,6 +284,14 @@ class _DeskSMTP(SMTP):
 
     async def smtp_LHLO(self, arg: str) -> None:
         await self._refuse_protocol("LHLO")
+
+    async def push(self, status: str) -> None:
+        """Every reply counted by its code (a multi-line reply once, LMTP's per recipient)."""
+        for line in status.split("\r\n"):
+            code = line[:3]
+            if len(line) >= 3 and code.isdigit() and line[3:4] != "-":
+                self.event_handler.metrics.inc("smtp_replies_total", code=code)
+        await super().push(status)
 
 
 class _DeskLMTP(LMTP, _DeskSMTP):
