@@ -26,12 +26,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from iqmaild.config import parse_config
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.rendering import shipped_templates_dir
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import import_directory
-from tests.harness import DESK, DIRECTORY, config_dict, parse, to_toml
+from tests.harness import DESK, DIRECTORY, Harness, config_dict, parse, to_toml
 from tests.ingest.test_smtp import mail_bytes
 from tests.test_durability import _free_port, _wait
 
@@ -338,3 +339,34 @@ def test_the_sysusers_file_makes_a_system_user_without_login(tmp_path: Path) -> 
     )
     assert int(entry[2]) < 1000 and entry[6] == "/usr/sbin/nologin"
     assert entry[5] == "/var/lib/iqmaild"
+
+
+async def test_a_reload_applies_new_rate_limits_and_names_what_needs_a_restart(
+    desk: Harness,
+) -> None:
+    """What SIGHUP hands to Daemon.reload, in the test's own loop (injected clock)."""
+    data = config_dict(
+        desk.config.database.url,
+        desk.relay.port,
+        outbound={"rate_limit": {"per_recipient_10min": 1}},
+        http={"authorize_attempts_per_minute": 1},
+        smtp={"hostname": "renamed.test"},
+    )
+    report = await desk.daemon.reload(parse_config(data))
+    assert {"templates", "outbound.rate_limit", "http rate limits"} <= set(report["reloaded"])
+    assert report["needs_restart"] == ["smtp.hostname"]
+    assert "outbound.rate_limit.per_recipient_10min" in report["changed"]
+
+    await desk.send(subject="Pierwsze")
+    await desk.send(subject="Drugie")
+    await desk.drain()
+    links = [m for m in desk.new_mail() if m.envelope_to == ["owner@acme.test"]]
+    assert len(links) == 1  # the second link waits for the new limit
+    async with desk.http.get(desk.base_url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'iqmaild_autoreplies_suppressed_total{why="recipient_rate_limit"} 1.0' in text
+    statuses = []
+    for _ in range(2):
+        async with desk.http.get(desk.base_url + "/authorize/nope") as resp:
+            statuses.append(resp.status)
+    assert statuses == [404, 429]

@@ -144,3 +144,33 @@ async def test_admin_listen_keeps_health_metrics_and_the_api_off_the_public_list
                 assert resp.status == 404 and resp.content_type == "text/plain"  # not there
         status, body = await _health(h, admin)
         assert status == 200 and body["checks"]["listeners"]["admin"] is True
+
+
+async def _until(h: Harness, name: str, value: float, **labels: str) -> Samples:
+    deadline = time.monotonic() + 30
+    while True:
+        _, samples = await scrape(h)
+        if samples[key(name, **labels)] == value:
+            return samples
+        assert time.monotonic() < deadline, (name, labels, samples[key(name, **labels)])
+        await asyncio.sleep(0.2)
+
+
+async def test_a_restarted_worker_never_sends_counters_back(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    async with harness_on("sqlite", tmp_path, background=True) as h:
+        worker = h.daemon.worker
+        assert worker is not None and worker.proc is not None
+        await h.send()
+        await _until(h, "outbox_sent_total", 1, kind="staff")
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not (worker.restarts == 1 and worker.alive and worker.status):
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            await asyncio.sleep(0.1)
+        _, samples = await scrape(h)
+        assert samples[key("outbox_sent_total", kind="staff")] == 1  # kept, not reset
+        await h.send(subject="Po restarcie")
+        await _until(h, "outbox_sent_total", 2, kind="staff")
