@@ -211,14 +211,6 @@ class Metrics:
         for metric in (*self._counters.values(), *self._histograms.values()):
             yield from metric.collect()
 
-    def value(self, sample: str, **labels: str) -> float:
-        """A sample as /metrics shows it (tests, STATUS)."""
-        for family in self.registry.collect():
-            for s in family.samples:
-                if s.name == sample and s.labels == labels:
-                    return float(s.value)
-        raise KeyError(sample)
-
     def render(self) -> str:
         return generate_latest(self.registry).decode()
 

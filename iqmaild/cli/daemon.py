@@ -72,6 +72,7 @@ def serve(ctx: click.Context) -> None:
     STOPPING=1 on SIGTERM. SIGHUP re-reads the config file and applies what can
     change live; an invalid file is refused and logged, the old config stays.
     """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop's handler: never fatal
     config = config_of(ctx)
     logs.configure(config.logging.level)
     _raise_fd_limit()
