@@ -117,6 +117,13 @@ class HttpConfig(_Section):
     panel_failures_per_minute: int = Field(default=10, ge=1)
     trusted_proxies: tuple[str, ...] = ()
     max_connections: int = Field(default=500, ge=1)
+    # "" = /healthz, /metrics and the panel API on `listen` too; else only there.
+    admin_listen: str = ""
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _admin_listen(cls, value: str) -> str:
+        return _host_port(value) if value else value
 
     @field_validator("panel_token")
     @classmethod
@@ -244,6 +251,16 @@ class ProcessingConfig(_Section):
 
 class TemplatesConfig(_Section):
     override_dir: str = ""
+
+
+class HealthConfig(_Section):
+    """Beyond these /healthz answers 503 (what an operator is paged for)."""
+
+    outbox_backlog_max: int = Field(default=1000, ge=1)
+    outbox_oldest_max_seconds: float = Field(default=3600.0, gt=0)
+    classifier_backlog_max: int = Field(default=1000, ge=1)
+    classifier_oldest_max_seconds: float = Field(default=600.0, gt=0)
+    relay_failing_max_seconds: float = Field(default=300.0, gt=0)
 
 
 class LoggingConfig(_Section):
@@ -391,6 +408,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
     imap: ImapConfig = ImapConfig()
+    health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")
     def _no_loops(self) -> Config:

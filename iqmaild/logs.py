@@ -16,17 +16,33 @@ from typing import Any, TextIO
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_METHODS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40}
+# The level in force; a processor reads it, so a reload (SIGHUP) changes it also
+# for loggers that were bound before.
+_level = [logging.INFO]
+
+
+def set_level(level: str) -> None:
+    _level[0] = LEVELS.get(level, logging.ERROR)
+
+
+def _by_level(logger: Any, method: str, event: Any) -> Any:
+    if _METHODS.get(method, 50) < _level[0]:
+        raise structlog.DropEvent
+    return event
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    set_level(level)
     structlog.configure(
         processors=[
+            _by_level,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False, default=str),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.ERROR)),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         # One write per line (print() writes the newline apart): the daemon and its
         # worker share stdout, and their lines must not interleave.
         logger_factory=structlog.WriteLoggerFactory(stream or sys.stdout),

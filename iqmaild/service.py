@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import socket
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from iqmaild import logs
 from iqmaild.apply.effects import Applier, Settings
@@ -41,13 +43,14 @@ from iqmaild.ingest.imap import ImapIntake
 from iqmaild.ingest.panel import PanelRequest, panel_message
 from iqmaild.ingest.smtp import DeskHandler, start_listener
 from iqmaild.lifecycle.retention import Retention
-from iqmaild.metrics import Metrics
+from iqmaild.metrics import KINDS, Metrics
 from iqmaild.parse.message import ParseContext
 from iqmaild.persist.store import GroupCommitter
 from iqmaild.rendering import Renderer
 from iqmaild.storage import schema
 from iqmaild.storage.db import Database, InstanceLock
-from iqmaild.storage.models import Message, Ticket
+from iqmaild.storage.models import Message, OutboxItem, Ticket
+from iqmaild.systemd import child_environment
 from iqmaild.web.app import HttpServer, WebApp, start_http
 
 
@@ -187,6 +190,56 @@ def policy_config(config: Config) -> PolicyConfig:
     )
 
 
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+# Keys a reload applies to the running process; every other change needs a restart.
+LIVE_KEYS = (
+    "logging.level",
+    "templates.",
+    "outbound.rate_limit.",
+    "http.authorize_attempts",
+    "http.panel_failures",
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    before, after = _flat(old.model_dump(by_alias=True)), _flat(new.model_dump(by_alias=True))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def reload_parts(parts: Parts, new: Config) -> list[str]:
+    """Apply what can change live (SIGHUP): templates (always re-read, also an unchanged
+    override directory's edited files), rate limits, the log level.
+
+    The directory has no cache to drop: it is read from the database per message,
+    so an import is seen by the next message without a reload. Returns what was
+    reloaded; the caller logs the changed keys that still need a restart.
+    """
+    logs.set_level(new.logging.level)
+    override = Path(new.templates.override_dir) if new.templates.override_dir else None
+    parts.renderer = Renderer(override_dir=override)
+    parts.composer.renderer = parts.renderer
+    limits = new.outbound.rate_limit
+    parts.applier.settings = dataclasses.replace(
+        parts.applier.settings,
+        limits=Limits(
+            per_recipient_10min=limits.per_recipient_10min,
+            per_recipient_day=limits.per_recipient_day,
+            per_ticket_day=limits.per_ticket_day,
+            unknown_sender_domain_hour=limits.unknown_sender_domain_hour,
+            unknown_sender_hour=limits.unknown_sender_hour,
+        ),
+    )
+    return ["templates", "outbound.rate_limit", f"logging.level={new.logging.level}"]
+
+
 class Daemon:
     """Owns every task, server and the worker of one instance; ``start``/``stop`` in one loop.
 
@@ -213,9 +266,10 @@ class Daemon:
         self.classifier = self.parts.classifier(on_processed=self.outbox.notify)
         self.retention = self.parts.retention()
         self.committer = GroupCommitter(
-            self.db, self.clock, config.smtp.group_commit_max, self._committed
+            self.db, self.clock, config.smtp.group_commit_max, self._committed, self.metrics
         )
         self.worker: Supervisor | None = None
+        self.loaded = config  # the config of the last (re)load: what a reload compares to
         self.web = WebApp(
             config,
             self.db,
@@ -227,6 +281,8 @@ class Daemon:
             clock=self.clock,
             problems=self.problems,
             queued=self._queued,
+            health=self.health,
+            gauges=self.gauges,
         )
         self._probe: tuple[float, str | None] = (float("-inf"), None)
         self.lock = InstanceLock(config.database.url)
@@ -234,9 +290,11 @@ class Daemon:
         self.smtp_server: asyncio.AbstractServer | None = None
         self.smtp_limits: Any = None
         self.http_runner: HttpServer | None = None
+        self.admin_runner: HttpServer | None = None
         self.smtp_port = 0
         self.http_port = 0
         self.imap: ImapIntake | None = None
+        self.admin_port = 0  # http.admin_listen's port (0: the admin paths are on http_port)
 
     def _committed(self) -> None:
         """Intake committed: classification has work."""
@@ -299,6 +357,11 @@ class Daemon:
         self.http_runner, self.http_port = await start_http(
             self.web, host, port, self.config.http.max_connections
         )
+        if self.web.admin_app is not None:
+            host, port = split_host_port(self.config.http.admin_listen)
+            self.admin_runner, self.admin_port = await start_http(
+                self.web, host, port, self.config.http.max_connections, app=self.web.admin_app
+            )
         self._spawn(self.committer.run(), "group-commit")
         if self.config.imap.enabled:  # beside SMTP intake, into the same committer
             self.imap = ImapIntake(
@@ -306,7 +369,7 @@ class Daemon:
             )
             self._spawn(self.imap.run(), "imap")
         if background and self.workers:
-            self.worker = Supervisor(self.config, self.log)
+            self.worker = Supervisor(self.config, self.log, self.metrics)
             await self.worker.start()
             self._spawn(self.worker.run(), "worker")
         elif background:
@@ -318,6 +381,7 @@ class Daemon:
             "daemon.started",
             smtp_port=self.smtp_port,
             http_port=self.http_port,
+            admin_port=self.admin_port or None,
             protocol=self.config.smtp.protocol,
             requeued_outbox=requeued,
             worker=bool(self.worker),
@@ -365,13 +429,191 @@ class Daemon:
             out.append(f"IMAP intake not connected for {now - imap.failing_since:.0f} s")
         if self.worker is not None and not self.worker.alive:
             out.append("worker process is not running")
+        stages = self._stages()
         for stage, failing in (
-            ("classification", self.classifier.failing_since),
-            ("outbox", self.outbox.failing_since),
+            ("classification", stages.get("classifier_failing_since")),
+            ("outbox", stages.get("outbox_failing_since")),
         ):
             if failing is not None and now - failing > 10:
                 out.append(f"{stage} has been failing for {now - failing:.0f} s")
         return out
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """SIGHUP: apply what can change live here and in the worker; log what it did.
+
+        ``needs_restart`` lists the changed keys this process keeps at their old
+        value (listeners, database, the secret key...) until the next restart.
+        """
+        changed = changed_keys(self.loaded, new)
+        reloaded = reload_parts(self.parts, new)
+        self.web.renderer = self.parts.renderer
+        self.web.limiter.limit = new.http.authorize_attempts_per_minute
+        self.web.panel_failures.limit = new.http.panel_failures_per_minute
+        reloaded.append("http rate limits")
+        if self.worker is not None:
+            self.worker.reload(new)
+            reloaded.append("worker")
+        self.loaded = new
+        needs_restart = [k for k in changed if not k.startswith(LIVE_KEYS)]
+        report = {"reloaded": reloaded, "changed": changed, "needs_restart": needs_restart}
+        self.log.info("daemon.reloaded", **report)
+        return report
+
+    async def backlog(self) -> dict[str, Any]:
+        """What waits: received mail not yet classified, outbox rows not yet sent (by
+        kind), with the age of the oldest of each; for /healthz, /metrics, STATUS=."""
+        now = self.clock.now()
+        async with self.db.read() as session:
+            received = (
+                await session.execute(
+                    select(func.count(), func.min(Message.received_at)).where(
+                        Message.state == "received"
+                    )
+                )
+            ).one()
+            rows = await session.execute(
+                select(OutboxItem.kind, func.count(), func.min(OutboxItem.created_at))
+                .where(OutboxItem.state.in_(("queued", "sending")))
+                .group_by(OutboxItem.kind)
+            )
+            outbox = {kind: (count, oldest) for kind, count, oldest in rows}
+
+        def age(when: Any) -> float:
+            return max((now - when).total_seconds(), 0.0) if when is not None else 0.0
+
+        return {
+            "classifier": {"count": int(received[0]), "oldest_seconds": age(received[1])},
+            "outbox": {
+                kind: {"count": int(count), "oldest_seconds": age(oldest)}
+                for kind, (count, oldest) in outbox.items()
+            },
+        }
+
+    def _stages(self) -> dict[str, Any]:
+        """The processing side's state: the worker's last report, or our own stages."""
+        if self.worker is not None:
+            return self.worker.status
+        failure = self.outbox.last_relay_failure
+        return {
+            "relay_success": self.outbox.last_relay_success,
+            "relay_failure": failure[0] if failure else None,
+            "relay_error": failure[1] if failure else None,
+            "relay_failing_since": self.outbox.relay_failing_since,
+            "classifier_failing_since": self.classifier.failing_since,
+            "outbox_failing_since": self.outbox.failing_since,
+        }
+
+    async def health(self) -> tuple[list[str], dict[str, Any]]:
+        """/healthz: every check with its figures and threshold; any problem is a 503."""
+        limits = self.config.health
+        now = self.clock.monotonic()
+        problems = await self.problems()
+        db_ok = await self.db.ping()
+        if not db_ok:
+            problems.insert(0, "database unavailable")
+        intake = [p for p in problems if "intake" in p or "database" in p]
+        checks: dict[str, Any] = {"database": {"ok": db_ok and not intake, "problems": intake}}
+
+        servers = {"smtp": self.smtp_server, "http": self.http_runner, "admin": self.admin_runner}
+        listening = {}
+        for name, server in servers.items():
+            if server is None and name == "admin":
+                continue
+            inner = getattr(server, "server", server)
+            listening[name] = bool(inner is not None and inner.is_serving())
+        checks["listeners"] = {"ok": all(listening.values()), **listening}
+        problems += [f"{name} listener is not serving" for name, up in listening.items() if not up]
+
+        stages = self._stages()
+
+        def ago(when: float | None) -> float | None:
+            return None if when is None else round(max(now - when, 0.0), 3)
+
+        failing = stages.get("relay_failing_since")
+        relay_ok = failing is None or now - failing <= limits.relay_failing_max_seconds
+        checks["relay"] = {
+            "ok": relay_ok,
+            "last_success_seconds_ago": ago(stages.get("relay_success")),
+            "last_failure_seconds_ago": ago(stages.get("relay_failure")),
+            "last_error": stages.get("relay_error"),
+            "failing_for_seconds": ago(failing),
+            "max_failing_seconds": limits.relay_failing_max_seconds,
+        }
+        if not relay_ok:
+            problems.append(f"relay failing for {now - failing:.0f} s: {stages.get('relay_error')}")
+        try:
+            backlog = await self.backlog()
+        except Exception as exc:
+            problems.append(f"backlog unknown: {type(exc).__name__}")
+            return problems, checks
+        outbox = backlog["outbox"]
+        depth = sum(v["count"] for v in outbox.values())
+        oldest = max((v["oldest_seconds"] for v in outbox.values()), default=0.0)
+        checks["outbox"] = {
+            "ok": depth <= limits.outbox_backlog_max and oldest <= limits.outbox_oldest_max_seconds,
+            "backlog": depth,
+            "oldest_seconds": round(oldest, 3),
+            "by_kind": outbox,
+            "max_backlog": limits.outbox_backlog_max,
+            "max_oldest_seconds": limits.outbox_oldest_max_seconds,
+        }
+        if depth > limits.outbox_backlog_max:
+            problems.append(f"outbox backlog {depth} > {limits.outbox_backlog_max}")
+        if oldest > limits.outbox_oldest_max_seconds:
+            problems.append(f"oldest outbox mail waits {oldest:.0f} s")
+        waiting = backlog["classifier"]
+        checks["classifier"] = {
+            "ok": waiting["count"] <= limits.classifier_backlog_max
+            and waiting["oldest_seconds"] <= limits.classifier_oldest_max_seconds,
+            "backlog": waiting["count"],
+            "oldest_seconds": round(waiting["oldest_seconds"], 3),
+            "max_backlog": limits.classifier_backlog_max,
+            "max_oldest_seconds": limits.classifier_oldest_max_seconds,
+        }
+        if waiting["count"] > limits.classifier_backlog_max:
+            problems.append(
+                f"classifier backlog {waiting['count']} > {limits.classifier_backlog_max}"
+            )
+        if waiting["oldest_seconds"] > limits.classifier_oldest_max_seconds:
+            problems.append(f"oldest unclassified message waits {waiting['oldest_seconds']:.0f} s")
+        if self.worker is not None:
+            checks["worker"] = {"ok": self.worker.alive, "restarts": self.worker.restarts}
+        return problems, checks
+
+    async def gauges(self) -> None:
+        """/metrics: queue depths and ages by kind, relay times, the worker (at scrape)."""
+        now = self.clock.monotonic()
+        stages = self._stages()
+        for key, name in (
+            ("relay_success", "relay_last_success_seconds"),
+            ("relay_failure", "relay_last_failure_seconds"),
+        ):
+            when = stages.get(key)
+            self.metrics.set(name, -1 if when is None else max(now - when, 0.0))
+        self.metrics.set("worker_up", 1 if self.worker is None or self.worker.alive else 0)
+        backlog = await self.backlog()
+        for kind in KINDS:
+            self.metrics.set("outbox_depth", 0, kind=kind)
+            self.metrics.set("outbox_oldest_seconds", 0, kind=kind)
+        for kind, values in backlog["outbox"].items():
+            self.metrics.set("outbox_depth", values["count"], kind=kind)
+            self.metrics.set("outbox_oldest_seconds", values["oldest_seconds"], kind=kind)
+        self.metrics.set("classifier_backlog", backlog["classifier"]["count"])
+        self.metrics.set("classifier_oldest_seconds", backlog["classifier"]["oldest_seconds"])
+
+    async def status_line(self) -> str:
+        """STATUS= for systemctl status: one line an operator reads at a glance."""
+        try:
+            backlog = await self.backlog()
+        except Exception as exc:
+            return f"database unavailable ({type(exc).__name__})"
+        outbox = backlog["outbox"]
+        queued = sum(v["count"] for v in outbox.values())
+        oldest = max((v["oldest_seconds"] for v in outbox.values()), default=0.0)
+        classifier = backlog["classifier"]
+        return (
+            f"backlog: {classifier['count']} to classify, {queued} to send (oldest {oldest:.0f} s)"
+        )
 
     async def _classify_loop(self) -> None:
         await classify_loop(self.classifier, self.outbox.notify, self.log, self.clock)
@@ -388,6 +630,8 @@ class Daemon:
                 await asyncio.wait_for(self.smtp_server.wait_closed(), timeout=5)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
         if self.worker is not None:
             await self.worker.stop()
         with contextlib.suppress(TimeoutError):  # let the rows on the wire be marked sent
@@ -432,33 +676,78 @@ async def classify_loop(
         classifier.wakeup.clear()
 
 
+STATUS_FD_VAR = "IQMAILD_STATUS_FD"
+
+
+def worker_report(outbox: OutboxWorker, classifier: Classifier, metrics: Metrics) -> bytes:
+    """What the worker tells the daemon each second: its metrics' totals, the relay's
+    last success and failure, whether its stages fail (monotonic times: one machine)."""
+    failure = outbox.last_relay_failure
+    report = {
+        "metrics": metrics.snapshot(),
+        "relay_success": outbox.last_relay_success,
+        "relay_failure": failure[0] if failure else None,
+        "relay_error": failure[1] if failure else None,
+        "relay_failing_since": outbox.relay_failing_since,
+        "classifier_failing_since": classifier.failing_since,
+        "outbox_failing_since": outbox.failing_since,
+    }
+    return json.dumps(report, separators=(",", ":")).encode() + b"\n"
+
+
 class Supervisor:
     """The worker process: started with the validated config on its stdin, woken by a
     byte per commit, restarted when it dies. Its stdin closing (we died) stops it."""
 
-    def __init__(self, config: Config, log: Any) -> None:
+    def __init__(self, config: Config, log: Any, metrics: Metrics | None = None) -> None:
         self.config = config
         self.log = log
+        self.metrics = metrics
+        self.status: dict[str, Any] = {}  # the worker's last report (see worker_report)
+        self._reader: asyncio.Task[None] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.restarts = 0
+        self.reloaded: Config | None = None  # a restarted worker gets the last reload too
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-P",  # not the working directory first on sys.path: the installed iqmaild
-            "-m",
-            "iqmaild.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=None,  # JSON lines, like ours: journald keeps both
-            stderr=None,
-        )
+        # A pipe of its own for the worker's reports (metrics, relay, failures).
+        read_end, write_end = os.pipe()
+        env = child_environment()
+        env[STATUS_FD_VAR] = str(write_end)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",  # not the working directory first on sys.path: the installed iqmaild
+                "-m",
+                "iqmaild.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=None,  # JSON lines, like ours: journald keeps both
+                stderr=None,
+                env=env,
+                pass_fds=(write_end,),
+            )
+        finally:
+            os.close(write_end)
+        self._reader = asyncio.create_task(self._read_reports(read_end), name="worker-reports")
         assert self.proc.stdin is not None
         self.proc.stdin.write(self.config.model_dump_json(by_alias=True).encode() + b"\n")
+        if self.reloaded is not None:
+            self.reload(self.reloaded)
+
+    def reload(self, config: Config) -> None:
+        """Hand a reloaded config to the worker: ``C`` + its JSON + newline on stdin
+        (a lone ``w`` is a wake-up)."""
+        self.reloaded = config
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            proc.stdin.write(b"C" + config.model_dump_json(by_alias=True).encode() + b"\n")
 
     def wake(self) -> None:
         proc = self.proc
@@ -467,11 +756,36 @@ class Supervisor:
         with contextlib.suppress(Exception):
             proc.stdin.write(b"w")
 
+    async def _read_reports(self, fd: int) -> None:
+        """The worker's reports, one JSON line a second, until its end of the pipe closes."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while line := await reader.readline():
+                try:
+                    report = json.loads(line)
+                except ValueError:
+                    continue
+                self.status = report
+                if self.metrics is not None:
+                    self.metrics.merge_remote(report.get("metrics", ()))
+        finally:
+            transport.close()
+            if self.metrics is not None:  # its totals stay: counters never go back
+                self.metrics.remote_restarted()
+            self.status = {}
+
     async def run(self) -> None:
         delay = 1.0
         while not self.stopping:
             assert self.proc is not None
             code = await self.proc.wait()
+            if self._reader is not None:
+                await asyncio.wait([self._reader], timeout=5)
             if self.stopping:
                 return
             self.restarts += 1
@@ -493,3 +807,5 @@ class Supervisor:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+        if self._reader is not None:
+            await asyncio.wait([self._reader], timeout=5)

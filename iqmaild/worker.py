@@ -17,7 +17,7 @@ import sys
 
 from iqmaild import logs
 from iqmaild.config import Config
-from iqmaild.service import build, classify_loop
+from iqmaild.service import STATUS_FD_VAR, build, classify_loop, reload_parts, worker_report
 
 
 async def main() -> int:
@@ -39,6 +39,9 @@ async def main() -> int:
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    # A HUP sent to the whole unit must not end us: the daemon re-reads the config
+    # file and hands it over on stdin (we have no file of our own to re-read).
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("worker.sighup_ignored"))
     tasks = [
         asyncio.create_task(
             classify_loop(
@@ -49,14 +52,53 @@ async def main() -> int:
         asyncio.create_task(outbox.run(), name="outbox"),
     ]
 
+    def reload(line: bytes) -> None:
+        try:
+            new = Config.model_validate_json(line)
+        except ValueError as exc:  # the daemon validated it: only a bug lands here
+            log.error("worker.reload_failed", error=str(exc)[:300])
+            return
+        log.info("worker.reloaded", reloaded=reload_parts(parts, new))
+
     async def wake_ups() -> None:
-        while chunk := await reader.read(4096):
-            if chunk:
+        buffer = b""
+        while chunk := await reader.read(65536):
+            buffer += chunk
+            while buffer:
+                if buffer.startswith(b"C"):  # C{config json}\n: a reload (SIGHUP)
+                    line, newline, rest = buffer[1:].partition(b"\n")
+                    if not newline:
+                        break  # the rest of the line is still on its way
+                    buffer = rest
+                    reload(line)
+                    continue
+                wakes = len(buffer) - len(buffer.lstrip(b"w"))
+                buffer = buffer[wakes or 1 :]  # w: intake committed (unknown bytes skipped)
                 classifier.notify()
                 outbox.notify()
         done.set()  # stdin closed: the daemon is gone or stopping
 
+    async def report() -> None:
+        """Metrics and stage state to the daemon, once a second (it renders /metrics)."""
+        fd = os.environ.get(STATUS_FD_VAR, "")
+        if not fd.isdigit():
+            return
+        pipe = os.fdopen(int(fd), "wb", buffering=0)
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        try:
+            while True:
+                if transport.is_closing():
+                    return  # the daemon is gone
+                if transport.get_write_buffer_size() < 1 << 20:  # never pile up unread
+                    transport.write(worker_report(outbox, classifier, parts.metrics))
+                await asyncio.sleep(1.0)
+        finally:
+            if not transport.is_closing():
+                transport.write(worker_report(outbox, classifier, parts.metrics))
+            transport.close()
+
     listener = asyncio.create_task(wake_ups(), name="wake-ups")
+    reporter = asyncio.create_task(report(), name="report")
     log.info("worker.started", instance=parts.instance)
     await done.wait()
     listener.cancel()
@@ -70,6 +112,8 @@ async def main() -> int:
     for task in tasks:
         task.cancel()
     await asyncio.wait(tasks, timeout=10)
+    reporter.cancel()  # its last report carries the final counts
+    await asyncio.wait([reporter], timeout=5)
     await parts.db.dispose()
     log.info("worker.stopped")
     return 0

@@ -92,7 +92,7 @@ async def test_a_poison_message_is_parked_and_does_not_block_the_rest(
     assert dead is not None and dead.attempts == 3 and "rules blew up" in (dead.last_error or "")
     async with desk.http.get(desk.base_url + "/metrics") as resp:
         text = await resp.text()
-    assert 'iqmaild_messages{state="dead"} 1' in text
+    assert 'iqmaild_messages{state="dead"} 1.0' in text
 
     # Operators see it in the CLI and can put it back once the bug is fixed.
     conf = tmp_path / "cli.toml"

@@ -144,6 +144,7 @@ class Classifier:
         """Classify and apply a claimed batch; one that fails is retried one by one."""
         # One hand-off for the whole batch: a pathological message must not stall
         # the event loop (SMTP, HTTP) while it is parsed.
+        started = self.clock.monotonic()
         parsed = await asyncio.to_thread(lambda: [self._parse(c) for c in claimed])
         try:
             outcomes = await self._batch(list(zip(claimed, parsed, strict=True)))
@@ -157,6 +158,9 @@ class Classifier:
                     outcomes += await self._batch([(one, facts)])
                 except Exception as single:
                     await self._failed([one], single)
+        if outcomes:
+            elapsed = self.clock.monotonic() - started
+            self.metrics.observe("stage_seconds", elapsed, stage="classify")
         for outcome in outcomes:
             v = outcome.verdict
             self.log.info(
@@ -170,6 +174,8 @@ class Classifier:
                 account=v.account_id,
             )
             self.metrics.inc("messages_classified_total", decision=v.decision.value)
+            for reason in v.reasons or ("none",):
+                self.metrics.inc("message_reasons_total", decision=v.decision.value, reason=reason)
         if outcomes and self.on_processed is not None:
             self.on_processed()
         return outcomes

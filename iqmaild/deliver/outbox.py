@@ -88,7 +88,7 @@ class _Relay:
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             message = f"relay {host}:{port}: {type(exc).__name__}: {exc}"
-            self.worker.last_relay_failure = (self.worker.clock.monotonic(), message[:300])
+            self.worker.relay_failed(message)
             raise TransientDelivery(message) from None
         self.smtp = smtp
         return smtp
@@ -203,6 +203,8 @@ class OutboxWorker:
         # For /healthz: when the relay last took a mail, and the last failure.
         self.last_relay_success: float | None = None
         self.last_relay_failure: tuple[float, str] | None = None
+        # For /healthz: the first failure since the relay last accepted a mail.
+        self.relay_failing_since: float | None = None
         self.failing_since: float | None = None  # for /healthz: the loop's own errors
 
     def notify(self) -> None:
@@ -382,6 +384,7 @@ class OutboxWorker:
 
     async def _deliver(self, relay: _Relay, item: Claimed) -> None:
         content = b""
+        started = self.clock.monotonic()
         try:
             content = await self._content(item)
             if self.staff_folder is not None and item.kind == MailKind.STAFF.value:
@@ -401,6 +404,8 @@ class OutboxWorker:
         finally:
             item.content = None  # sent or not, it leaves memory
         self.last_relay_success = self.clock.monotonic()
+        self.relay_failing_since = None
+        self.metrics.observe("stage_seconds", self.last_relay_success - started, stage="deliver")
         self._accepted[item.id] = item
         self._ready.set()  # the finisher marks it sent
         self.log.info("outbox.sent", outbox=item.id, kind=item.kind, ticket_id=item.ticket_id)
@@ -413,6 +418,13 @@ class OutboxWorker:
             await self.staff_folder.append(content)
         except Exception as exc:  # the server or the connection: retried like a 4xx
             raise TransientDelivery(f"imap staff folder: {type(exc).__name__}: {exc}") from None
+
+    def relay_failed(self, error: str) -> None:
+        """The relay could not be reached or did not answer in time (not a 5xx)."""
+        now = self.clock.monotonic()
+        self.last_relay_failure = (now, error[:300])
+        if self.relay_failing_since is None:
+            self.relay_failing_since = now
 
     async def release_claims(self) -> int:
         """On a graceful stop: rows this instance claimed but did not send go back."""
@@ -555,7 +567,7 @@ class OutboxWorker:
     async def _defer(self, item: Claimed, error: str, *, never_give_up: bool = False) -> None:
         cfg = self.config.outbound
         if error.startswith(("relay ", "timeout", "SMTP")):
-            self.last_relay_failure = (self.clock.monotonic(), error[:300])
+            self.relay_failed(error)
         give_up = not never_give_up and self._gives_up(item)
         backoff = cfg.retry_base_seconds * (2 ** max(item.attempts - 1, 0))
         delay = min(backoff, cfg.retry_max_seconds)

@@ -10,6 +10,7 @@ MTA is told to come back later (421/452), so it keeps the mail queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from typing import Any
 
@@ -212,6 +213,7 @@ class _DeskSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self.limits.sessions >= self.limits.max_sessions:
+            self.event_handler.metrics.inc("smtp_replies_total", code="421")
             transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
@@ -262,9 +264,17 @@ class _DeskSMTP(SMTP):
         and retry, as 452 at DATA does.
         """
         self.log.warning("smtp.memory_budget", held_bytes=held, budget=self.limits.max_bytes)
-        if self.transport is not None:
-            self.transport.write(b"421 4.3.1 Insufficient system resources, try again later\r\n")
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        # Read no more, say why, and close a moment later: closing at once with the
+        # client's data unread would reset the connection before it reads the 421.
+        transport.pause_reading()  # type: ignore[attr-defined]
+        transport.write(b"421 4.3.1 Insufficient system resources, try again later\r\n")  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, NotImplementedError):
+            transport.write_eof()  # type: ignore[attr-defined]
+        self.event_handler.metrics.inc("smtp_replies_total", code="421")
+        asyncio.get_running_loop().call_later(1.0, transport.close)
 
     async def _refuse_protocol(self, command: str) -> None:
         """The MTA speaks the other protocol: defer (4xx), never bounce customer mail."""
@@ -283,6 +293,14 @@ class _DeskSMTP(SMTP):
 
     async def smtp_LHLO(self, arg: str) -> None:
         await self._refuse_protocol("LHLO")
+
+    async def push(self, status: str) -> None:
+        """Every reply counted by its code (a multi-line reply once, LMTP's per recipient)."""
+        for line in status.split("\r\n"):
+            code = line[:3]
+            if len(line) >= 3 and code.isdigit() and line[3:4] != "-":
+                self.event_handler.metrics.inc("smtp_replies_total", code=code)
+        await super().push(status)
 
 
 class _DeskLMTP(LMTP, _DeskSMTP):

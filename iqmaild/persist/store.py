@@ -66,9 +66,15 @@ class GroupCommitter:
     """Batches concurrent `store` calls into one transaction."""
 
     def __init__(
-        self, db: Database, clock: Clock, max_batch: int, on_commit: Callable[[], None]
+        self,
+        db: Database,
+        clock: Clock,
+        max_batch: int,
+        on_commit: Callable[[], None],
+        metrics: Any = None,
     ) -> None:
         self.db = db
+        self.metrics = metrics  # stage_seconds{stage="commit"}
         self.clock = clock
         self.max_batch = max_batch
         self.on_commit = on_commit
@@ -152,7 +158,7 @@ class GroupCommitter:
         items: list[Incoming],
         also: Callable[[Any, list[Stored]], Awaitable[None]] | None = None,
     ) -> list[Stored]:
-        self.last_attempt = self.clock.monotonic()
+        self.last_attempt = started = self.clock.monotonic()
         try:
             stored = await self._insert(items, also)
         except Exception as exc:
@@ -162,6 +168,8 @@ class GroupCommitter:
             raise
         self.failed_since = None
         self.last_success = self.clock.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe("stage_seconds", self.last_success - started, stage="commit")
         return stored
 
     async def _insert(

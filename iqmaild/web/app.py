@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from iqmaild.apply.links import LinkInfo, Links, LinkState
 from iqmaild.clock import Clock
 from iqmaild.config import Config
-from iqmaild.metrics import Metrics
+from iqmaild.metrics import MESSAGE_STATES, OUTBOX_STATES, Metrics
 from iqmaild.rendering import Renderer
 from iqmaild.storage.db import Database
 from iqmaild.storage.models import Message, OutboxItem
@@ -88,6 +88,8 @@ class WebApp:
         clock: Clock,
         problems: Callable[[], Awaitable[list[str]]] | None = None,
         queued: Callable[[], None] = lambda: None,
+        health: Callable[[], Awaitable[tuple[list[str], dict[str, Any]]]] | None = None,
+        gauges: Callable[[], Awaitable[None]] | None = None,
     ):
         self.config = config
         self.db = db
@@ -97,20 +99,30 @@ class WebApp:
         self.log = log
         self.stats = metrics  # (self.metrics is the /metrics handler)
         self.problems = problems
+        self.health = health  # the daemon's checks, each with its threshold
+        self.gauges = gauges  # the daemon's queue gauges, computed at scrape time
         http = config.http
         self.limiter = SlidingLimiter(clock, http.authorize_attempts_per_minute)
         self.panel_failures = SlidingLimiter(clock, http.panel_failures_per_minute)
         self.queued = queued  # wakes the outbox: a click queues the acknowledgement
+        public = [
+            web.get("/authorize/{token}", self.authorize_page),
+            web.post("/authorize/{token}", self.authorize_confirm),
+        ]
+        admin = [
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+            web.post("/api/v1/tickets", self.panel_ticket),
+        ]
+        # With http.admin_listen the public listener serves the link page alone.
         self.app = web.Application(client_max_size=2 * 1024 * 1024)
-        self.app.add_routes(
-            [
-                web.get("/authorize/{token}", self.authorize_page),
-                web.post("/authorize/{token}", self.authorize_confirm),
-                web.get("/healthz", self.healthz),
-                web.get("/metrics", self.metrics),
-                web.post("/api/v1/tickets", self.panel_ticket),
-            ]
-        )
+        self.admin_app: web.Application | None = None
+        if http.admin_listen:
+            self.app.add_routes(public)
+            self.admin_app = web.Application(client_max_size=2 * 1024 * 1024)
+            self.admin_app.add_routes(admin)
+        else:
+            self.app.add_routes(public + admin)
 
     def _page(self, lang: str, name: str, status: int = 200, **ctx: Any) -> web.Response:
         body = self.renderer.render_page(lang, name, **ctx)
@@ -182,20 +194,33 @@ class WebApp:
         return self._page(info.lang, page, **shown, **ctx)
 
     async def healthz(self, request: web.Request) -> web.Response:
-        problems = [] if await self.db.ping() else ["database unavailable"]
-        if self.problems is not None:
-            problems += await self.problems()
+        """200 or 503; ``status`` names every problem, ``checks`` each check's figures."""
+        checks: dict[str, Any] = {}
+        if self.health is not None:
+            problems, checks = await self.health()
+        else:
+            problems = [] if await self.db.ping() else ["database unavailable"]
+            if self.problems is not None:
+                problems += await self.problems()
         ok = not problems
-        return web.json_response(
-            {"status": "ok" if ok else "; ".join(problems)}, status=200 if ok else 503
-        )
+        body: dict[str, Any] = {"status": "ok" if ok else "; ".join(problems)}
+        if checks:
+            body["checks"] = checks
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         try:
             await self._queue_gauges()
+            if self.gauges is not None:
+                await self.gauges()
         except Exception as exc:  # metrics must answer even when the database does not
             self.log.warning("metrics.gauges_failed", error=type(exc).__name__)
-        return web.Response(text=self.stats.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            text=self.stats.render(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def _queue_gauges(self) -> None:
         """Backlogs an operator alerts on: dead letters, failed and queued mail."""
@@ -206,10 +231,14 @@ class WebApp:
             outbox = await session.execute(
                 select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
             )
+        for state in MESSAGE_STATES:  # a state that emptied reads 0, not its last count
+            self.stats.set("messages", 0, state=state)
+        for state in OUTBOX_STATES:
+            self.stats.set("outbox", 0, state=state)
         for state, count in messages:
-            self.stats.set(f'messages{{state="{state}"}}', count)
+            self.stats.set("messages", count, state=state)
         for state, count in outbox:
-            self.stats.set(f'outbox{{state="{state}"}}', count)
+            self.stats.set("outbox", count, state=state)
 
     async def panel_ticket(self, request: web.Request) -> web.Response:
         client = self._client(request)
@@ -297,9 +326,14 @@ class HttpServer:
 
 
 async def start_http(
-    webapp: WebApp, host: str, port: int, max_connections: int = 500
+    webapp: WebApp,
+    host: str,
+    port: int,
+    max_connections: int = 500,
+    app: web.Application | None = None,
 ) -> tuple[HttpServer, int]:
-    runner = web.AppRunner(webapp.app, access_log=None, handle_signals=False)
+    """Serve ``app`` (default: the public one) on host:port."""
+    runner = web.AppRunner(app or webapp.app, access_log=None, handle_signals=False)
     await runner.setup()
     handler = runner.server
     assert handler is not None

@@ -140,7 +140,7 @@ async def test_a_4xx_is_deferred_and_delivered_on_retry(
         if e["outbox"] == row.id
     ]
     assert history == ["outbox.deferred", "outbox.sent"]
-    assert f'iqmaild_outbox_deferred_total{{kind="{row.kind}"}} 1' in await metrics_text(desk)
+    assert f'iqmaild_outbox_deferred_total{{kind="{row.kind}"}} 1.0' in await metrics_text(desk)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +328,7 @@ async def test_authorization_mail_is_rate_limited_per_recipient(tmp_path: Path) 
         assert sorted(m["X-IQ-Ticket"] for m in to_staff) == ["1000", "1001", "1002", "1003"]
         kinds = [r.kind for r in await outbox(desk)]
         assert kinds.count("auth_request") == 2
-        assert 'iqmaild_autoreplies_suppressed_total{why="recipient_rate_limit"} 2' in (
+        assert 'iqmaild_autoreplies_suppressed_total{why="recipient_rate_limit"} 2.0' in (
             await metrics_text(desk)
         )
     finally:

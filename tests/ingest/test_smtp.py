@@ -241,7 +241,7 @@ async def test_storage_failure_answers_451_430_and_the_retry_succeeds(
     assert [r[1] for r in rows] == [raw]
     async with desk.http.get(desk.base_url + "/metrics") as resp:
         metrics = await resp.text()
-    assert 'iqmaild_smtp_rejected_total{reason="storage"} 1' in metrics
+    assert 'iqmaild_smtp_rejected_total{reason="storage"} 1.0' in metrics
 
 
 # -- duplicates ---------------------------------------------------------------

@@ -180,7 +180,7 @@ async def test_attempts_are_rate_limited(limited: Harness) -> None:
     async with limited.http.get(limited.base_url + "/healthz") as resp:
         assert resp.status == 200
     async with limited.http.get(limited.base_url + "/metrics") as resp:
-        assert "iqmaild_authorize_rate_limited_total 2" in await resp.text()
+        assert "iqmaild_authorize_rate_limited_total 2.0" in await resp.text()
 
 
 async def test_the_subject_is_escaped_on_the_pages(desk: Harness) -> None:
@@ -199,7 +199,9 @@ async def test_healthz_is_json(desk: Harness) -> None:
     async with desk.http.get(desk.base_url + "/healthz") as resp:
         assert resp.status == 200
         assert resp.content_type == "application/json"
-        assert await resp.json() == {"status": "ok"}
+        body = await resp.json()
+        assert body["status"] == "ok"
+        assert set(body["checks"]) >= {"database", "listeners", "relay", "outbox", "classifier"}
 
 
 async def test_metrics_are_prometheus_text(desk: Harness) -> None:
@@ -210,7 +212,7 @@ async def test_metrics_are_prometheus_text(desk: Harness) -> None:
         assert resp.status == 200
         assert resp.content_type == "text/plain"
     assert "# TYPE iqmaild_smtp_accepted_total counter" in text
-    assert "\niqmaild_smtp_accepted_total 2\n" in text
+    assert "\niqmaild_smtp_accepted_total 2.0\n" in text
     for line in text.splitlines():
         assert line.startswith("# ") or line.startswith("iqmaild_"), line
 

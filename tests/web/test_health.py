@@ -121,3 +121,93 @@ async def test_a_probe_that_fits_on_a_nearly_full_disk_is_no_proof(small_disk: P
         assert (await health(h))[0] == 503
     finally:
         await stop_harness(h)
+
+
+# -- issue 8, item 5: every check with its figures and a threshold that turns it 503 --
+
+
+async def checks(h: Harness) -> tuple[int, dict]:
+    async with h.http.get(h.base_url + "/healthz") as resp:
+        return resp.status, await resp.json()
+
+
+async def test_health_reports_each_check_with_its_threshold(desk: Harness) -> None:
+    status, body = await checks(desk)
+    assert status == 200 and body["status"] == "ok"
+    c = body["checks"]
+    assert c["database"]["ok"] and c["listeners"] == {"ok": True, "smtp": True, "http": True}
+    assert c["relay"]["ok"] and c["relay"]["last_success_seconds_ago"] is None
+    assert c["outbox"]["backlog"] == 0 and c["outbox"]["max_backlog"] == 1000
+    assert c["classifier"]["backlog"] == 0 and c["classifier"]["max_oldest_seconds"] == 600.0
+    await desk.send()
+    await desk.drain()  # the link and the staff copy reach the relay
+    status, body = await checks(desk)
+    assert status == 200
+    assert body["checks"]["relay"]["last_success_seconds_ago"] is not None
+
+
+async def test_a_relay_down_for_longer_than_its_threshold_turns_health_503(
+    backend: str, tmp_path: Path
+) -> None:
+    from tests.conftest import harness_on
+
+    async with harness_on(backend, tmp_path, health={"relay_failing_max_seconds": 60}) as h:
+        port = h.relay.port
+        await h.relay.stop()
+        await h.send()
+        await h.drain()  # connection refused: deferred
+        status, body = await checks(h)
+        relay = body["checks"]["relay"]
+        assert status == 200 and relay["last_failure_seconds_ago"] is not None
+        assert "Connect" in relay["last_error"] or "refused" in relay["last_error"]
+        h.advance(61)
+        status, body = await checks(h)
+        assert status == 503 and "relay failing for 61 s" in body["status"]
+        assert body["checks"]["relay"]["ok"] is False
+        await h.relay.start(port=port)
+        await h.drain()  # the retries are due: the relay accepts them
+        status, body = await checks(h)
+        assert status == 200, body
+        assert body["checks"]["relay"]["last_success_seconds_ago"] == 0
+
+
+async def test_outbox_backlog_and_age_beyond_their_thresholds_turn_health_503(
+    backend: str, tmp_path: Path
+) -> None:
+    from tests.conftest import harness_on
+
+    limits = {"outbox_backlog_max": 1, "outbox_oldest_max_seconds": 120}
+    async with harness_on(backend, tmp_path, health=limits) as h:
+        await h.relay.stop()
+        await h.send()
+        await h.drain()  # the link and the staff copy wait for the relay
+        status, body = await checks(h)
+        outbox = body["checks"]["outbox"]
+        assert outbox["backlog"] == 2 and set(outbox["by_kind"]) == {"auth_request", "staff"}
+        assert status == 503 and "outbox backlog 2 > 1" in body["status"]
+        assert "oldest outbox mail" not in body["status"]
+        h.advance(121)
+        status, body = await checks(h)
+        assert "oldest outbox mail waits 121 s" in body["status"]
+        assert body["checks"]["outbox"]["oldest_seconds"] == 121
+
+
+async def test_mail_waiting_for_classification_beyond_its_thresholds_turns_health_503(
+    backend: str, tmp_path: Path
+) -> None:
+    from tests.conftest import harness_on
+
+    limits = {"classifier_backlog_max": 1, "classifier_oldest_max_seconds": 30}
+    async with harness_on(backend, tmp_path, health=limits) as h:
+        await h.send()  # stored, not yet classified (no drain)
+        status, body = await checks(h)
+        assert status == 200 and body["checks"]["classifier"]["backlog"] == 1
+        await h.send(subject="Drugie")
+        status, body = await checks(h)
+        assert status == 503 and "classifier backlog 2 > 1" in body["status"]
+        h.advance(31)
+        status, body = await checks(h)
+        assert "oldest unclassified message waits 31 s" in body["status"]
+        await h.drain()
+        status, body = await checks(h)
+        assert status == 200 and body["checks"]["classifier"]["backlog"] == 0
