@@ -18,11 +18,10 @@ from sqlalchemy import select, update
 from iqmaild.apply.effects import Applier, Writes, audit_row, token_hash
 from iqmaild.clock import Clock
 from iqmaild.core.mail import Acknowledgement, MailIntent, StaffCopy
-from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind
 from iqmaild.deliver.compose import ThreadInfo
 from iqmaild.metrics import Metrics
-from iqmaild.parse.message import body_preview
+from iqmaild.parse.message import body_preview, thread_of
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import Account, AuditEvent, AuthToken, Message, Service, Ticket
@@ -204,10 +203,7 @@ class Links:
         origin = next((m for m in pending if m.id == message_id), None)
         if origin is None and message_id:
             origin = await session.get(Message, message_id)
-        thread = None
-        if origin is not None:
-            ids = message_ids(origin.message_id)
-            thread = ThreadInfo(ids[0] if ids else "", (), None)
+        thread = ThreadInfo(*thread_of(origin.raw)) if origin is not None else None
         # The owner's own click: no rate limit may withhold the code from them.
         intent = MailIntent(MailKind.ACKNOWLEDGEMENT, email, True, Acknowledgement("link"))
         self.applier.queue_customer(
