@@ -9,7 +9,7 @@ mail that carries the code, threaded under their own message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -50,6 +50,7 @@ class LinkInfo:
     account: str = ""
     service: str = ""
     preview: str = ""
+    authorized: bool = False  # the ticket is (already) authorized: a used link's page says so
 
 
 def _plausible(token: str) -> bool:
@@ -106,6 +107,7 @@ class Links:
             account=(account.name or account.id) if account else "",
             service=(service.name or service.id) if service else "",
             preview=preview,
+            authorized=ticket.authorization == "authorized",
         )
 
     async def confirm(self, token: str) -> LinkInfo:
@@ -155,7 +157,7 @@ class Links:
             return _with(info, LinkState.REVOKED)
         self.log.info("authlink.confirmed", ticket=ticket.number)
         self.metrics.inc("authlinks_confirmed_total")
-        return info
+        return replace(info, authorized=True)
 
     async def _authorize(
         self, session: Any, ticket: Ticket, email: str, message_id: int | None
@@ -214,16 +216,7 @@ class Links:
 
 
 def _with(info: LinkInfo, state: LinkState) -> LinkInfo:
-    return LinkInfo(
-        state,
-        info.ticket_number,
-        info.subject,
-        info.sender,
-        info.lang,
-        info.account,
-        info.service,
-        info.preview,
-    )
+    return replace(info, state=state)
 
 
 async def _still_eligible(session: Any, email: str, ticket: Ticket) -> bool:
