@@ -188,6 +188,7 @@ def make_desk(
         refused_at_rcpt: tuple[str, ...] = (),
         transports: dict[str, str] | None = None,
         delay_warning_time: str = "0h",
+        postfix_main: dict[str, str] | None = None,
         **sections: dict[str, Any],
     ) -> Desk:
         # The daemon's ports are chosen first: Postfix's transport map names them.
@@ -209,6 +210,7 @@ def make_desk(
             refused_at_rcpt=list(refused_at_rcpt),
             transports=dict(transports or {}),
             delay_warning_time=delay_warning_time,
+            main_overrides=dict(postfix_main or {}),
         )
         daemon.set_relay(postfix.outbound_port)
         desk = Desk(postfix, daemon, mail)

@@ -285,6 +285,9 @@ class Postfix:
     refused_at_rcpt: list[str] = field(default_factory=list)
     transports: dict[str, str] = field(default_factory=dict)
     delay_warning_time: str = "0h"
+    # main.cf parameters appended after the template's (the last definition wins):
+    # the README's counter-examples, e.g. the desk domain in mydestination.
+    main_overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.mx_port, self.outbound_port = free_ports(2)
@@ -326,7 +329,8 @@ class Postfix:
                 CONFIG_DIR=self.config_dir,
                 MESSAGE_SIZE_LIMIT=self.message_size_limit,
                 DELAY_WARNING_TIME=self.delay_warning_time,
-            ),
+            )
+            + "".join(f"{k} = {v}\n" for k, v in self.main_overrides.items()),
         )
         self.write_master()
         self.write_transport()

@@ -12,9 +12,11 @@ A link mail to a customer can fail four ways behind a real Postfix:
   an asynchronous 5.1.1 bounce;
 - ``delayed``: the customer's server is down (nothing listens where the
   transport points) and Postfix, holding the mail, sends a delay warning after
-  ``delay_warning_time``. (A ``retry:`` transport entry would not do: like
-  ``error:``, smtpd applies it at RCPT, 450 4.2.1, and the daemon's outbox
-  keeps the mail and retries itself; Postfix never holds it.)
+  ``delay_warning_time``.
+
+A ``retry:`` transport entry makes no delay warning: like ``error:``, smtpd
+applies it at RCPT (450 4.2.1), so the daemon's outbox keeps the mail and
+retries itself; Postfix never holds it.
 
 Each is filed under the outbox row it concerns. The three permanent failures
 spend the link and suppress automatic mail to that address, the same way; a
@@ -41,13 +43,14 @@ REFUSED = "refused@acme.test"  # the relay answers 550 5.1.1 at RCPT
 GONE = "gone@acme.test"  # transport error:5.1.1
 NO_MAILBOX = "nobox@acme.test"  # Dovecot has no such user
 SLOW = "slow@acme.test"  # its server is down: delay warnings after 1 s
+BUSY = "busy@acme.test"  # transport retry:4.2.1
 
 SHAPES = {"rcpt": REFUSED, "error": GONE, "mailbox": NO_MAILBOX}
 
 
 def _directory() -> dict[str, Any]:
     directory = copy.deepcopy(DIRECTORY)
-    for address in (REFUSED, GONE, NO_MAILBOX, SLOW):
+    for address in (REFUSED, GONE, NO_MAILBOX, SLOW, BUSY):
         local = address.split("@")[0]
         directory["accounts"].append({"id": local, "primary": address, "name": local.title()})
     return directory
@@ -60,6 +63,7 @@ def failing_desk(make_desk: Callable[..., Desk]) -> Desk:
         refused_at_rcpt=(REFUSED,),
         transports={
             GONE: "error:5.1.1 mailbox gone",
+            BUSY: "retry:4.2.1 mailbox busy",
             SLOW: f"smtp:[127.0.0.1]:{free_ports(1)[0]}",  # nothing listens there
         },
         delay_warning_time="1s",
@@ -165,3 +169,20 @@ def test_a_delay_warning_is_filed_and_spends_nothing(failing_desk: Desk) -> None
     _, again = new_request(desk, SLOW, "Skrzynka nadal zajęta")
     assert "bounced" not in again.header("X-IQ-Suppressed")
     wait_until(lambda: len(link_rows(desk, SLOW)) == 2, 10, "a second link mail")
+
+
+def test_a_retry_transport_defers_at_rcpt_and_the_outbox_keeps_the_mail(
+    failing_desk: Desk,
+) -> None:
+    desk = failing_desk
+    new_request(desk, BUSY, "Chwilowo zajęta")
+
+    def retried() -> dict[str, Any] | None:
+        rows = link_rows(desk, BUSY)
+        return rows[0] if rows and rows[0]["attempts"] >= 2 else None
+
+    row = wait_until(retried, 30, "the outbox to retry the link mail", interval=0.3)
+    assert row["state"] in ("queued", "sending"), row
+    assert "RCPT 450 4.2.1" in row["last_error"] and "mailbox busy" in row["last_error"], row
+    assert not desk.postfix.queue()  # Postfix never took it: the daemon holds it
+    assert db_rows(desk.daemon.db_path, "SELECT email FROM suppressions") == []

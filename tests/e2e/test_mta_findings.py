@@ -9,6 +9,7 @@ into a pass (strict: an unexpected pass fails until the mark is removed).
 from __future__ import annotations
 
 import copy
+import smtplib
 import time
 import urllib.error
 import urllib.request
@@ -233,3 +234,25 @@ def test_a_bounced_link_mail_does_not_carry_a_live_link(make_desk: Callable[...,
     if "/authorize/" in dsn.all_text():
         url = link_in(dsn, desk.daemon.base_url)
         assert http_status(url) in (404, 410), "a live link came back in the bounce"
+
+
+# -- 9. the README's Postfix recipe -----------------------------------------------------------
+
+
+def test_a_desk_domain_in_mydestination_refuses_the_desk(make_desk: Callable[..., Desk]) -> None:
+    """Why the README makes the desk domain a relay domain: as a local domain (Debian's
+    default local_recipient_maps) Postfix refuses the desk before any transport entry."""
+    desk = make_desk(
+        start_daemon=False,
+        postfix_main={
+            "mydestination": "desk.test",
+            "relay_domains": "",
+            "local_recipient_maps": "proxy:unix:passwd.byname $alias_maps",
+        },
+    )
+    with smtplib.SMTP("127.0.0.1", desk.postfix.mx_port, timeout=30) as client:
+        client.ehlo("mail.customer.test")
+        assert client.mail(OWNER)[0] == 250
+        code, text = client.rcpt("bok@desk.test")
+    assert code == 550, (code, text)
+    assert b"User unknown in local recipient table" in text, text
