@@ -125,6 +125,10 @@ def test_a_permanent_failure_of_a_link_mail_is_filed_spends_the_link_and_suppres
         assert report.header("X-IQ-Authorization") == "ignored"
         assert report.header("X-IQ-Ticket") == str(number)
         assert "bounce" in report.header("X-IQ-Reasons")
+        # RET=HDRS: Postfix returned the headers of the link mail, not the link.
+        parts = [part.get_content_type() for part in report.msg.walk()]
+        assert "text/rfc822-headers" in parts and "message/rfc822" not in parts, parts
+        assert "/authorize/" not in report.all_text()
         bounced = [d for d in desk.postfix.deliveries() if d["to"] == address]
         assert bounced and bounced[-1]["status"] == "bounced", bounced
     # The link can never be used (it never arrived, or came back).
