@@ -3,7 +3,8 @@
 The rules come from the specification (DESIGN.md), not from the daemon's code:
 
 - every classified message gets a staff copy (to ``outbound.staff_address``) that
-  carries ``X-IQ-Authorization: <decision>`` and the customer's own Message-ID;
+  carries ``X-IQ-Authorization: <decision>`` and names the customer's Message-ID
+  in In-Reply-To (its own Message-ID is the daemon's);
 - a new ticket from a primary address is ``pending`` and its sender gets an
   authorization mail with a link, threaded on the message (In-Reply-To);
 - an unauthorized message gets a notice to its sender, threaded the same way
@@ -99,7 +100,12 @@ class Ledger:
     def _match(self, item: Captured) -> str:
         rcpts = [r.lower() for r in item.rcpts]
         if self.staff in rcpts:
-            for want in self.staff_wants.get(item.message_id, []):
+            # A staff copy has its own Message-ID and names the customer's in
+            # In-Reply-To (a daemon before issue 7 kept the customer's Message-ID).
+            wants = self.staff_wants.get(item.in_reply_to) or self.staff_wants.get(
+                item.message_id, []
+            )
+            for want in wants:
                 if want.met is None:
                     if item.verdict.lower() == want.verdict:
                         self._meet(want, item)

@@ -152,8 +152,17 @@ def check_staff_copy(copy: EmailMessage, sent: bytes, row: Message, number: int 
     assert copy["X-IQ-Account"] == (row.account_id or "none")
     for name in ours:  # our values are tokens: nothing from the message is glued on
         assert VERDICT_VALUE.match(str(copy[name])), (name, str(copy[name]))
-    original = [n for n in names(parse(sent)) if not n.startswith("x-iq-")]
-    assert [n for n in names(copy) if not n.startswith("x-iq-")] == original
+    # The customer's headers as they came, but for the threading fields: the copy
+    # has its own Message-ID (ours) and threads under the customer's.
+    threading = ("message-id", "in-reply-to", "references")
+    received = parse(sent)
+    original = [n for n in names(received) if not n.startswith(("x-iq-", *threading))]
+    assert [n for n in names(copy) if not n.startswith(("x-iq-", *threading))] == original
+    assert len(copy.get_all("Message-ID") or []) == 1
+    assert str(copy["Message-ID"]).startswith("<iq."), copy["Message-ID"]
+    assert str(copy["Message-ID"]) != str(received["Message-ID"])
+    assert len(copy.get_all("In-Reply-To") or []) <= 1
+    assert len(copy.get_all("References") or []) <= 1
 
 
 def check_customer_mail(

@@ -74,8 +74,16 @@ def page_ctx(name: str) -> dict[str, Any]:
             "subject": NASTY,
             "sender": "<script>x</script>@example.com",
             "action_url": LINK,
+            "account": "<b>ACME</b>",
+            "service": "<i>WWW</i>",
+            "preview": "<script>alert(3)</script>\nline two",
         },
-        "confirmed": {"ticket_number": 23328, "subject": NASTY},
+        "confirmed": {
+            "ticket_number": 23328,
+            "subject": NASTY,
+            "account": "<b>ACME</b>",
+            "service": "",
+        },
         "error": {"kind": "expired"},
     }[name]
 
@@ -260,17 +268,20 @@ def test_web_page_renders_and_escapes(renderer: Renderer, lang: str, name: str) 
     if name != "error":
         assert "&lt;script&gt;alert(1)&lt;/script&gt; Zażółć Bcc: x@evil.test" in page
         assert "23328" in page
+        assert "&lt;b&gt;ACME&lt;/b&gt;" in page
     if name == "authorize":
         action = "https://bok.example.pl/authorize/Ab-_9?x=1&amp;y=2"
         assert f'<form method="post" action="{action}">' in page
         assert page.count("<button") == 1 and 'type="submit"' in page
         assert "&lt;script&gt;x&lt;/script&gt;@example.com" in page
         assert ("Potwierdzam zgłoszenie" if lang == "pl" else "Confirm ticket") in page
+        assert "&lt;i&gt;WWW&lt;/i&gt;" in page
+        assert "&lt;script&gt;alert(3)&lt;/script&gt;\nline two" in page
 
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_error_kinds_are_distinct(renderer: Renderer, lang: str) -> None:
-    kinds = ["not_found", "used", "expired", "rate_limited", "unavailable"]
+    kinds = ["not_found", "used", "expired", "revoked", "rate_limited", "unavailable"]
     pages = {kind: renderer.render_page(lang, "error", kind=kind) for kind in kinds}
     titles = {page.split("<h1>")[1].split("</h1>")[0] for page in pages.values()}
     assert len(set(pages.values())) == len(kinds) and len(titles) == len(kinds)

@@ -573,11 +573,12 @@ class Applier:
         extensions = self.desk_extensions(rcpt_to)
         if extensions:
             headers["X-IQ-Desk-Extension"] = ",".join(safe_token(e) for e in extensions)
+        composed = self.composer.staff_delivery(raw, headers, ticket.number if ticket else None)
         return self.outbox_row(
             MailKind.STAFF,
             self.settings.staff_address,
-            self.composer.staff_delivery(raw, headers),
-            "",
+            composed.content,
+            composed.message_id,
             ticket.id if ticket else None,
             message_id,
             now,

@@ -9,7 +9,7 @@ mail that carries the code, threaded under their own message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -18,11 +18,10 @@ from sqlalchemy import select, update
 from iqmaild.apply.effects import Applier, Writes, audit_row, token_hash
 from iqmaild.clock import Clock
 from iqmaild.core.mail import Acknowledgement, MailIntent, StaffCopy
-from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind
 from iqmaild.deliver.compose import ThreadInfo
 from iqmaild.metrics import Metrics
-from iqmaild.parse.message import body_preview
+from iqmaild.parse.message import body_preview, thread_of
 from iqmaild.storage.db import Database
 from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import Account, AuditEvent, AuthToken, Message, Service, Ticket
@@ -51,6 +50,7 @@ class LinkInfo:
     account: str = ""
     service: str = ""
     preview: str = ""
+    authorized: bool = False  # the ticket is (already) authorized: a used link's page says so
 
 
 def _plausible(token: str) -> bool:
@@ -107,6 +107,7 @@ class Links:
             account=(account.name or account.id) if account else "",
             service=(service.name or service.id) if service else "",
             preview=preview,
+            authorized=ticket.authorization == "authorized",
         )
 
     async def confirm(self, token: str) -> LinkInfo:
@@ -156,7 +157,7 @@ class Links:
             return _with(info, LinkState.REVOKED)
         self.log.info("authlink.confirmed", ticket=ticket.number)
         self.metrics.inc("authlinks_confirmed_total")
-        return info
+        return replace(info, authorized=True)
 
     async def _authorize(
         self, session: Any, ticket: Ticket, email: str, message_id: int | None
@@ -204,10 +205,7 @@ class Links:
         origin = next((m for m in pending if m.id == message_id), None)
         if origin is None and message_id:
             origin = await session.get(Message, message_id)
-        thread = None
-        if origin is not None:
-            ids = message_ids(origin.message_id)
-            thread = ThreadInfo(ids[0] if ids else "", (), None)
+        thread = ThreadInfo(*thread_of(origin.raw)) if origin is not None else None
         # The owner's own click: no rate limit may withhold the code from them.
         intent = MailIntent(MailKind.ACKNOWLEDGEMENT, email, True, Acknowledgement("link"))
         self.applier.queue_customer(
@@ -218,16 +216,7 @@ class Links:
 
 
 def _with(info: LinkInfo, state: LinkState) -> LinkInfo:
-    return LinkInfo(
-        state,
-        info.ticket_number,
-        info.subject,
-        info.sender,
-        info.lang,
-        info.account,
-        info.service,
-        info.preview,
-    )
+    return replace(info, state=state)
 
 
 async def _still_eligible(session: Any, email: str, ticket: Ticket) -> bool:

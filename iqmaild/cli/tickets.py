@@ -13,10 +13,9 @@ from iqmaild.apply.effects import Writes, audit_row
 from iqmaild.cli import main
 from iqmaild.cli.common import CLOCK, Fail, emit, run_job
 from iqmaild.core.mail import AuthRequest, MailIntent, StaffReply
-from iqmaild.core.text import message_ids
 from iqmaild.core.vocabulary import MailKind, TicketState
 from iqmaild.deliver.compose import ThreadInfo
-from iqmaild.parse.message import body_preview
+from iqmaild.parse.message import body_preview, thread_of
 from iqmaild.storage.directory import view_for
 from iqmaild.storage.models import AuditEvent, AuthToken, Message, OutboxItem, Service, Ticket
 
@@ -207,8 +206,7 @@ def ticket_reply(ctx: click.Context, number: int, body_file: Path) -> None:
                 .order_by(Message.id.desc())
                 .limit(1)
             )
-            ids = message_ids(last.message_id) if last else []
-            thread = ThreadInfo(ids[0] if ids else "", (), None)
+            thread = ThreadInfo(*thread_of(last.raw)) if last else None
             intent = MailIntent(MailKind.STAFF_REPLY, t.requester, may_see_code, StaffReply(body))
             writes = Writes()
             applier.queue_customer(
@@ -245,9 +243,8 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
             .order_by(Message.id.desc())
             .limit(1)
         )
-        ids = message_ids(last.message_id) if last else []
         intent = MailIntent(MailKind.AUTH_REQUEST, t.requester, False, AuthRequest())
-        thread = ThreadInfo(ids[0] if ids else "", (), None)
+        thread = ThreadInfo(*thread_of(last.raw)) if last else None
         # An operator's decision: no rate limit stands in its way.
         writes = Writes()
         applier.queue_customer(

@@ -55,6 +55,7 @@ def is_ours(key: bytes, domain: str, message_id: str) -> bool:
 NOTICE = "n"  # a notice or refusal: why a message was not accepted
 AUTOMATIC = "a"  # other automatic mail (the link, the acknowledgement)
 PERSON = "h"  # written by a desk operator
+STAFF = "s"  # a staff copy of a customer's message, threaded under it
 
 
 def answers_notice(key: bytes, domain: str, in_reply_to: str) -> bool:

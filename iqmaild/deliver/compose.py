@@ -23,7 +23,7 @@ from iqmaild.clock import Clock, SystemClock
 from iqmaild.config import Config
 from iqmaild.core import loopmark, threadref
 from iqmaild.core.tag import TagFormat
-from iqmaild.core.text import clean_text
+from iqmaild.core.text import clean_text, message_ids
 from iqmaild.core.vocabulary import MailKind
 from iqmaild.deliver import mime
 from iqmaild.rendering import RenderedMail, Renderer
@@ -46,6 +46,8 @@ def address_header(address: str) -> Any:
 _SAFE_TOKEN = re.compile(r"[^A-Za-z0-9._+-]")
 _XIQ = re.compile(rb"^x-iq-", re.IGNORECASE)
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")  # a line over SMTP's 998 octets
+# The customer's threading fields: a staff copy carries its own (see staff_delivery).
+_THREAD_FIELDS = (b"message-id", b"in-reply-to", b"references")
 # RFC 3834 automatic mail, and Exchange's "no out-of-office replies to this".
 _AUTOMATIC_FIELDS = (
     mime.token("Auto-Submitted", "auto-replied"),
@@ -274,30 +276,54 @@ class Composer:
                 msg["Thread-Index"] = child
                 msg["Thread-Topic"] = clean_text(topic, 200)
 
-    def staff_delivery(self, raw: bytes, verdict_headers: dict[str, str]) -> bytes:
+    def staff_delivery(
+        self, raw: bytes, verdict_headers: dict[str, str], ticket_number: int | None = None
+    ) -> Composed:
         """The customer's message as received, with our verdict headers on top.
 
         Every ``X-IQ-*`` header that came from outside is removed first, so a
-        customer cannot forge a verdict.
+        customer cannot forge a verdict. The copy gets a Message-ID of its own
+        (signed, naming the ticket) and threads under the customer's message
+        (In-Reply-To, References): the pending and the authorized copy of one
+        message are two mails, and a client that drops a second mail with a
+        Message-ID it already has would hide the authorized one.
         """
         head, sep, body = _split_head(raw)
         kept: list[bytes] = []
-        dropping = True  # continuation lines before the first header belong to nothing
+        threading: dict[bytes, list[bytes]] = {}  # the customer's ids, replaced by ours
+        field: list[bytes] | None = None  # the lines of the field being read
         for line in head.splitlines(keepends=True):
             if line[:1] in (b" ", b"\t"):
-                if not dropping:
-                    kept.append(_wrap(line, header=True))
+                # Continuation lines before the first header belong to nothing.
+                if field is not None:
+                    field.append(line)
                 continue
-            dropping = bool(_XIQ.match(line))
-            if not dropping:
-                kept.append(_wrap(line, header=True))
+            name = line.split(b":", 1)[0].strip().lower()
+            if _XIQ.match(line):
+                field = []  # dropped
+            elif name in _THREAD_FIELDS:
+                field = threading.setdefault(name, [])
+                field.append(line)
+            else:
+                field = kept
+                kept.append(line)
+        message_id = self.new_message_id(ticket_number, threadref.STAFF)
+        parent = _ids(threading.get(b"message-id"))[:1]  # the customer's own id
+        refs = [*_ids(threading.get(b"references")), *_ids(threading.get(b"in-reply-to"))]
+        thread = [mime.msg_ids("Message-ID", (message_id,))]
+        if parent:
+            thread.append(mime.msg_ids("In-Reply-To", (f"<{parent[0]}>",)))
+        refs = list(dict.fromkeys([r for r in refs if r not in parent] + parent))[-20:]
+        if refs:
+            thread.append(mime.msg_ids("References", [f"<{r}>" for r in refs]))
         ours = b"".join(
             f"{name}: {_header_safe(value)}\r\n".encode("ascii", "replace")
             for name, value in {**verdict_headers, loopmark.HEADER: self.loop_mark()}.items()
-        )
+        ) + "".join(thread).encode("ascii")
+        kept = [_wrap(line, header=True) for line in kept]
         if _LONG_LINE.search(body):
             body = b"".join(_wrap(line, header=False) for line in body.splitlines(keepends=True))
-        return ours + b"".join(kept) + sep + body
+        return Composed(ours + b"".join(kept) + sep + body, message_id)
 
     def staff_summary(self, staff_copy: bytes, preview: int = 20_000) -> bytes:
         """A staff copy the relay refused as too large, without its attachments.
@@ -307,6 +333,7 @@ class Composer:
         """
         head, _, body = _split_head(staff_copy)
         keep = ("x-iq-", "from:", "to:", "cc:", "subject:", "date:", "message-id:")
+        keep += ("in-reply-to:", "references:")
         kept: list[bytes] = []
         keeping = False
         for line in head.splitlines(keepends=True):
@@ -372,6 +399,14 @@ def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
     index, sep = min(found)
     half = len(sep) // 2
     return raw[: index + half], sep[half:], raw[index + len(sep) :]
+
+
+def _ids(lines: list[bytes] | None) -> list[str]:
+    """The message ids of one field's lines (its name included), in order."""
+    if not lines:
+        return []
+    value = b"".join(lines).split(b":", 1)[-1]
+    return message_ids(value.decode("ascii", "replace"))
 
 
 def _header_safe(value: str) -> str:

@@ -588,6 +588,21 @@ def _all_values(fields: Fields, name: str) -> list[Any]:
     ]
 
 
+def thread_of(raw: bytes) -> tuple[str, tuple[str, ...], str | None]:
+    """(Message-ID, References, Thread-Index) of a stored message, for a later reply
+    to it (the acknowledgement after a click, an operator's answer, a new link)."""
+    fields = Fields.of(raw)
+    ids = message_ids(_word(fields, "message-id"))
+    refs = message_ids(" ".join(clean_text(_safe_str(v)) for v in _words(fields, "references")))
+    refs += message_ids(_word(fields, "in-reply-to"))
+    thread_index = _word(fields, "thread-index")
+    return (
+        ids[0] if ids else "",
+        tuple(dict.fromkeys(refs))[-50:],
+        thread_index if _THREAD_INDEX.match(thread_index) else None,
+    )
+
+
 def body_preview(raw: bytes, limit: int = 4000) -> str:
     """The first text/plain part, decoded leniently, for operators' eyes."""
     try:

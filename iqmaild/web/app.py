@@ -186,6 +186,7 @@ class WebApp:
             "account": info.account,
             "service": info.service,
             "preview": info.preview,
+            "authorized": info.authorized,
         }
         if info.state is not LinkState.VALID:
             return self._page(

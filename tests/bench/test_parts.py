@@ -96,7 +96,8 @@ def test_ledger_matches_expected_mail_and_names_what_is_missing() -> None:
     ledger.acknowledgement("owner@x", 12, after=5.0)
     ledger.reply("m3@c", expect.NOTICE, required=False)  # may be capped: never waited for
     staff1 = captured(
-        b"X-IQ-Authorization: pending\r\nMessage-ID: <m1@c>\r\n\r\n", ["staff@desk.test"]
+        b"X-IQ-Authorization: pending\r\nMessage-ID: <iq.1.s1.x@d>\r\nIn-Reply-To: <m1@c>\r\n\r\n",
+        ["staff@desk.test"],
     )
     auth1 = captured(
         b"In-Reply-To: <m1@c>\r\n\r\nhttp://h/authorize/" + b"A" * 43 + b"\r\n", ["owner@x"], t=2.0

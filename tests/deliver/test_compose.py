@@ -12,7 +12,10 @@ import base64
 import re
 
 import pytest
+from sqlalchemy import select
 
+from iqmaild.core import threadref
+from iqmaild.storage.models import Message, OutboxItem
 from tests.harness import DATA, DESK, STAFF, Harness, link_in, parse
 
 OWNER = "owner@acme.test"
@@ -221,7 +224,7 @@ async def test_staff_delivery_replaces_every_incoming_x_iq_header(desk: Harness)
     assert b"authorized-but-part-of-subject" in head_of(staff)
     assert staff.endswith(b"\r\n\r\nX-IQ-Authorization: authorized in the body is only text\r\n")
     msg = parse(staff)
-    assert msg["Message-ID"] == "<forged.1@client.test>"
+    assert msg["In-Reply-To"] == "<forged.1@client.test>"  # the copy has its own id
     assert msg["Received"] is not None
 
 
@@ -250,3 +253,88 @@ async def test_a_leading_continuation_line_cannot_extend_our_verdict(desk: Harne
     for name in VERDICT_HEADERS:
         for value in raw_header(staff, name):
             assert b"forged" not in value, (name, value)
+
+
+# -- threading: every mail of ours has its own Message-ID (issue 7 §1.8) ----------
+
+
+def one_id(raw: bytes, name: str) -> str:
+    [value] = raw_header(raw, name)
+    return value.decode()
+
+
+async def test_pending_and_authorized_staff_copies_have_their_own_message_ids(
+    desk: Harness,
+) -> None:
+    parent = "<earlier.1@client.test>"
+    sent = await desk.send(headers={"In-Reply-To": parent, "References": parent})
+    customer = str(parse(sent)["Message-ID"])
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == [OWNER])
+    async with desk.http.post(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 200
+    await desk.drain()
+    pending, authorized = captured_to(desk, STAFF)
+    assert raw_header(pending, "X-IQ-Authorization") == [b"pending"]
+    assert raw_header(authorized, "X-IQ-Authorization") == [b"authorized"]
+    ids = [one_id(copy, "Message-ID") for copy in (pending, authorized)]
+    assert len(set(ids)) == 2 and customer not in ids
+    key, domain = desk.config.key, desk.config.message_id_domain
+    for copy, mid in zip((pending, authorized), ids, strict=True):
+        assert threadref.is_ours(key, domain, mid), mid  # signed, as all our ids
+        assert threadref.find_ticket_reference(key, domain, mid) == 1000
+        # Under the customer's message, which keeps its own place in its thread.
+        assert one_id(copy, "In-Reply-To") == customer
+        assert one_id(copy, "References") == f"{parent} {customer}"
+    async with desk.db.read() as session:
+        rows = list(await session.scalars(select(OutboxItem).where(OutboxItem.kind == "staff")))
+    assert sorted(r.header_message_id for r in rows) == sorted(ids)
+
+
+async def test_a_staff_copy_of_a_message_without_message_id_still_has_one(desk: Harness) -> None:
+    raw = f"From: {OWNER}\r\nTo: {DESK}\r\nSubject: Bez identyfikatora\r\n\r\nTresc\r\n"
+    assert (await desk.send_raw(raw.encode()))[0] == 250
+    await desk.drain()
+    [copy] = captured_to(desk, STAFF)
+    mid = one_id(copy, "Message-ID")
+    assert threadref.is_ours(desk.config.key, desk.config.message_id_domain, mid)
+    assert raw_header(copy, "In-Reply-To") == [] and raw_header(copy, "References") == []
+
+
+async def test_every_kind_of_mail_has_its_own_id_and_threads_under_what_it_answers(
+    desk: Harness,
+) -> None:
+    """Links, acknowledgements, notices, refusals and staff copies: no two
+    share a Message-ID; each answers the customer's mail."""
+    parent = "<earlier.2@client.test>"
+    first = await desk.send(headers={"References": parent})
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == [OWNER])
+    async with desk.http.post(desk.base_url + link_in(auth)) as resp:
+        assert resp.status == 200
+    await desk.drain()
+    tag = await desk.tag(1000)
+    await desk.send(subject=f"Re: {tag}", cc=["friend@elsewhere.test"])  # leaks the code
+    await desk.send(sender="tech@acme.test", subject="Z adresu technicznego")
+    await desk.send(sender="stranger@unknown.test", subject="Nieznany")
+    await desk.drain()
+    async with desk.db.read() as session:
+        kinds = set(await session.scalars(select(OutboxItem.kind)))
+        received = {m.id: m.message_id for m in await session.scalars(select(Message))}
+    assert kinds >= {"auth_request", "acknowledgement", "notice", "refusal", "staff"}, kinds
+    mails = [m.content for m in desk.relay.messages]
+    ids = [one_id(raw, "Message-ID") for raw in mails]
+    assert len(set(ids)) == len(ids), "two mails share a Message-ID"
+    key, domain = desk.config.key, desk.config.message_id_domain
+    assert all(threadref.is_ours(key, domain, mid) for mid in ids), ids
+    answered = set(received.values())
+    for raw in mails:
+        assert one_id(raw, "In-Reply-To") in answered, head_of(raw)[:600]
+        assert one_id(raw, "In-Reply-To") in one_id(raw, "References").split()
+        if raw_header(raw, "X-IQ-Message"):  # a staff copy: under the message it copies
+            copied = received[int(raw_header(raw, "X-IQ-Message")[0])]
+            assert one_id(raw, "In-Reply-To") == copied
+    customer = str(parse(first)["Message-ID"])
+    for raw in captured_to(desk, OWNER)[:2]:  # the link and the acknowledgement
+        assert one_id(raw, "In-Reply-To") == customer
+        assert one_id(raw, "References") == f"{parent} {customer}"

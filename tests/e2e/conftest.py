@@ -185,6 +185,10 @@ def make_desk(
         directory: dict[str, Any] | None = None,
         start_daemon: bool = True,
         extra_recipients: tuple[str, ...] = (),
+        refused_at_rcpt: tuple[str, ...] = (),
+        transports: dict[str, str] | None = None,
+        delay_warning_time: str = "0h",
+        postfix_main: dict[str, str] | None = None,
         **sections: dict[str, Any],
     ) -> Desk:
         # The daemon's ports are chosen first: Postfix's transport map names them.
@@ -203,6 +207,10 @@ def make_desk(
             daemon_protocol=protocol,
             message_size_limit=message_size_limit,
             extra_recipients=list(extra_recipients),
+            refused_at_rcpt=list(refused_at_rcpt),
+            transports=dict(transports or {}),
+            delay_warning_time=delay_warning_time,
+            main_overrides=dict(postfix_main or {}),
         )
         daemon.set_relay(postfix.outbound_port)
         desk = Desk(postfix, daemon, mail)

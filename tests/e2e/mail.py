@@ -419,5 +419,16 @@ def verdict(decision: str, ticket: int | None = None) -> Callable[[Received], bo
     return match
 
 
+def copy_of(msg: EmailMessage) -> Callable[[Received], bool]:
+    """The staff copy of ``msg``: a Message-ID of its own, threaded under the customer's."""
+    mid = str(msg["Message-ID"]).strip()
+    return lambda r: bool(r.header("X-IQ-Ticket")) and r.header("In-Reply-To") == mid
+
+
+def copied(r: Received) -> str:
+    """The customer's Message-ID a staff copy names (In-Reply-To)."""
+    return r.header("In-Reply-To").strip()
+
+
 def with_header(name: str, value: Any) -> Callable[[Received], bool]:
     return lambda r: r.header(name) == str(value)

@@ -279,6 +279,15 @@ class Postfix:
     reaped: Reaped | None = None
     # Desk-domain addresses Postfix accepts besides the desk and the staff.
     extra_recipients: list[str] = field(default_factory=list)
+    # Shapes of failure for mail the daemon sends: addresses its relay refuses at
+    # RCPT (550 5.1.1), extra transport entries (``error:``, ``retry:``), and
+    # Postfix's delay_warning_time ("0h": no delay warnings, Postfix's default).
+    refused_at_rcpt: list[str] = field(default_factory=list)
+    transports: dict[str, str] = field(default_factory=dict)
+    delay_warning_time: str = "0h"
+    # main.cf parameters appended after the template's (the last definition wins):
+    # the README's counter-examples, e.g. the desk domain in mydestination.
+    main_overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.mx_port, self.outbound_port = free_ports(2)
@@ -295,6 +304,7 @@ class Postfix:
     def transport_entries(self) -> dict[str, str]:
         dovecot = f"lmtp:inet:127.0.0.1:{self.dovecot_lmtp_port}"
         entries = {
+            **self.transports,
             # The desk address goes to the daemon (README: "Hand the desk's mail
             # to the daemon"); user+ext@ finds this entry too.
             DESK: self.daemon_nexthop,
@@ -318,7 +328,9 @@ class Postfix:
                 ROOT=self.root,
                 CONFIG_DIR=self.config_dir,
                 MESSAGE_SIZE_LIMIT=self.message_size_limit,
-            ),
+                DELAY_WARNING_TIME=self.delay_warning_time,
+            )
+            + "".join(f"{k} = {v}\n" for k, v in self.main_overrides.items()),
         )
         self.write_master()
         self.write_transport()
@@ -327,6 +339,14 @@ class Postfix:
             "".join(f"{u} OK\n" for u in (DESK, STAFF, *self.extra_recipients)),
         )
         run([POSTMAP, "-c", str(self.config_dir), f"hash:{self.config_dir}/relay_recipients"])
+        write_config_file(
+            self.config_dir / "outbound_refused",
+            "".join(
+                f"{a} 550 5.1.1 <{a}>: Recipient address rejected: User unknown\n"
+                for a in self.refused_at_rcpt
+            ),
+        )
+        run([POSTMAP, "-c", str(self.config_dir), f"hash:{self.config_dir}/outbound_refused"])
 
     def write_master(self) -> None:
         write_config_file(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import Desk
 from tests.e2e.flows import OWNER, from_desk
-from tests.e2e.mail import new_mail, send_via_mx, verdict
+from tests.e2e.mail import copied, copy_of, new_mail, send_via_mx, verdict
 from tests.e2e.servers import wait_until
 
 
@@ -54,7 +54,7 @@ def test_mail_waits_in_postfix_while_the_daemon_is_stopped(desk: Desk) -> None:
 
     desk.daemon.start()
     staff = desk.staff.wait_for(verdict("pending"), timeout=30)[0]
-    assert staff.msg["Message-ID"] == msg["Message-ID"]
+    assert copy_of(msg)(staff)
     desk.mail[OWNER].wait_for(from_desk)
     wait_until(lambda: not desk.postfix.queue(), 15, "Postfix's queue to empty")
     time.sleep(1.0)  # a second delivery would have shown up by now
@@ -100,7 +100,7 @@ def test_kill_9_mid_burst_stores_every_delivered_message_exactly_once(desk: Desk
 
     # Every one of them reaches staff.
     copies = desk.staff.wait_for(verdict("unauthorized"), count=BURST, timeout=60)
-    got = Counter(str(r.msg["Message-ID"]).strip("<>") for r in copies)
+    got = Counter(copied(r).strip("<>") for r in copies)
     assert set(got) == set(ids)
 
 
@@ -128,7 +128,7 @@ def test_a_locked_database_answers_451_and_postfix_delivers_later(desk: Desk) ->
         deferral = next(d for d in to_daemon(desk, "deferred") if d["queue_id"] == queue_id)
         assert " 451 " in f" {deferral['text']} " or "4.3.0" in deferral["text"], deferral
     staff = desk.staff.wait_for(verdict("pending"), timeout=30)[0]
-    assert staff.msg["Message-ID"] == msg["Message-ID"]
+    assert copy_of(msg)(staff)
     wait_until(lambda: not desk.postfix.queue(), 15, "Postfix's queue to empty")
     assert not to_daemon(desk, "bounced")
     assert stored_message_ids(desk.daemon.db_path)[msg["Message-ID"].strip("<>")] == 1
@@ -153,7 +153,7 @@ def test_relay_down_the_outbox_drains_later(make_desk: Callable[..., Desk]) -> N
 
     desk.postfix.set_outbound(True)
     staff = desk.staff.wait_for(verdict("pending"), timeout=30)[0]
-    assert staff.msg["Message-ID"] == msg["Message-ID"]
+    assert copy_of(msg)(staff)
     desk.mail[OWNER].wait_for(from_desk, timeout=30)
     wait_until(
         lambda: all(r["state"] == "sent" for r in desk.daemon.outbox()),

@@ -9,6 +9,7 @@ into a pass (strict: an unexpected pass fails until the mark is removed).
 from __future__ import annotations
 
 import copy
+import smtplib
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +21,7 @@ import pytest
 
 from tests.e2e.conftest import Desk
 from tests.e2e.flows import OWNER, confirm_in_browser, from_desk, open_ticket
-from tests.e2e.mail import Received, link_in, new_mail, verdict
+from tests.e2e.mail import Received, copy_of, link_in, new_mail, verdict
 from tests.e2e.servers import wait_until
 from tests.harness import DIRECTORY
 
@@ -46,7 +47,7 @@ def test_plus_address_of_the_desk_is_accepted(desk: Desk) -> None:
     desk.send(msg, rcpts=["bok+faktury@desk.test"])
 
     def outcome() -> str:
-        if any(r.msg["Message-ID"] == msg["Message-ID"] for r in desk.staff.poll()):
+        if any(copy_of(msg)(r) for r in desk.staff.poll()):
             return "filed"
         if any(from_mailer_daemon(r) for r in desk.mail[OWNER].poll()):
             return "bounced"
@@ -71,7 +72,7 @@ def test_utf8_local_part_is_an_address(make_desk: Callable[..., Desk]) -> None:
     desk = make_desk(directory=_with_utf8_primary())
     msg = new_mail("łukasz@acme.test", "Zażółć gęślą jaźń")
     desk.send(msg, mail_from="łukasz@acme.test", smtputf8=True)
-    staff = desk.staff.wait_for(lambda r: r.msg["Message-ID"] == msg["Message-ID"])[0]
+    staff = desk.staff.wait_for(copy_of(msg))[0]
     number = int(staff.header("X-IQ-Ticket"))
     stored = desk.daemon.ticket(number)["messages"]
     assert (stored[0]["decision"], stored[0]["reasons"], stored[0]["sender_role"]) == (
@@ -130,12 +131,6 @@ def test_acknowledgement_threads_under_the_customers_message(desk: Desk, page: A
     assert msg["Message-ID"] in ack.header("References")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon defect (issue 7 §1.8): the pending and the authorized staff copies "
-    "carry the same Message-ID (the customer's), so clients that de-duplicate hide the "
-    "authorized one",
-)
 def test_pending_and_authorized_staff_copies_have_their_own_message_ids(
     desk: Desk, page: Any
 ) -> None:
@@ -143,6 +138,20 @@ def test_pending_and_authorized_staff_copies_have_their_own_message_ids(
     confirm_in_browser(page, desk, auth)
     authorized = desk.staff.wait_for(verdict("authorized", number))[0]
     assert authorized.msg["Message-ID"] != pending.msg["Message-ID"]
+    customer = auth.header("In-Reply-To")  # what the link mail answers: the customer's id
+    ours = [pending, authorized, auth]
+    for staff in (pending, authorized):
+        # Threaded under the customer's message, with an id of ours of the desk's domain.
+        assert staff.header("In-Reply-To") == customer, staff.raw[:1500]
+        assert customer in staff.header("References").split()
+        assert staff.header("Message-ID").startswith(f"<iq.{number}.")
+        assert staff.header("Message-ID").endswith("@desk.test>")
+    ack = desk.mail[OWNER].wait_for(lambda r: from_desk(r) and r.uid != auth.uid)[0]
+    ours.append(ack)
+    assert len({r.header("Message-ID") for r in ours}) == len(ours)
+    # Postfix logged each with its own message-id on the way out, too.
+    logged = {d["message_id"] for d in desk.postfix.deliveries() if d["to"] == "staff@desk.test"}
+    assert {r.header("Message-ID").strip("<>") for r in (pending, authorized)} <= logged
 
 
 # -- 7. size ----------------------------------------------------------------------------
@@ -225,3 +234,25 @@ def test_a_bounced_link_mail_does_not_carry_a_live_link(make_desk: Callable[...,
     if "/authorize/" in dsn.all_text():
         url = link_in(dsn, desk.daemon.base_url)
         assert http_status(url) in (404, 410), "a live link came back in the bounce"
+
+
+# -- 9. the README's Postfix recipe -----------------------------------------------------------
+
+
+def test_a_desk_domain_in_mydestination_refuses_the_desk(make_desk: Callable[..., Desk]) -> None:
+    """Why the README makes the desk domain a relay domain: as a local domain (Debian's
+    default local_recipient_maps) Postfix refuses the desk before any transport entry."""
+    desk = make_desk(
+        start_daemon=False,
+        postfix_main={
+            "mydestination": "desk.test",
+            "relay_domains": "",
+            "local_recipient_maps": "proxy:unix:passwd.byname $alias_maps",
+        },
+    )
+    with smtplib.SMTP("127.0.0.1", desk.postfix.mx_port, timeout=30) as client:
+        client.ehlo("mail.customer.test")
+        assert client.mail(OWNER)[0] == 250
+        code, text = client.rcpt("bok@desk.test")
+    assert code == 550, (code, text)
+    assert b"User unknown in local recipient table" in text, text

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.conftest import Desk
 from tests.e2e.flows import OWNER, authorized_ticket
-from tests.e2e.mail import gmail_reply, outlook_reply, parse, thunderbird_reply, verdict
+from tests.e2e.mail import copy_of, gmail_reply, outlook_reply, parse, thunderbird_reply, verdict
 
 CLIENTS = {
     "outlook": outlook_reply,
@@ -35,7 +35,7 @@ def test_reply_with_code_is_authorized_under_the_ticket(desk: Desk, page: Any, c
     staff = copies[-1]
     assert staff.header("X-IQ-Reasons") in ("", "none")
     assert staff.header("X-IQ-Account") == "acme"
-    assert staff.msg["Message-ID"] == sent["Message-ID"]  # the customer's message itself
+    assert copy_of(sent)(staff)  # the customer's message itself, under its own id
     assert "nadal zażółć gęślą jaźń" in staff.text()
 
     ticket = desk.wait_ticket(number, lambda t: len(t["messages"]) == 2)

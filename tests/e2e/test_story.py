@@ -19,6 +19,7 @@ from tests.e2e.conftest import Desk
 from tests.e2e.flows import from_desk, open_ticket
 from tests.e2e.mail import (
     Received,
+    copy_of,
     link_in,
     new_mail,
     outlook_reply,
@@ -151,6 +152,6 @@ def test_a_reply_to_the_authorization_request_authorizes_nothing(desk: Desk) -> 
     reply = new_mail(OWNER, f"Re: {auth.subject}", body="Dostałem link, ale nie klikam.\n")
     reply["In-Reply-To"] = str(auth.msg["Message-ID"])
     desk.send(reply)
-    staff = desk.staff.wait_for(lambda r: r.msg["Message-ID"] == reply["Message-ID"])[0]
+    staff = desk.staff.wait_for(copy_of(reply))[0]
     assert staff.header("X-IQ-Authorization") != "authorized"
     assert desk.daemon.ticket(number)["authorization"] == "pending"

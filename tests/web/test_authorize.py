@@ -249,3 +249,102 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(tmp_path: Pa
         assert await status("203.0.113.2") == 404  # another customer is not locked out
     finally:
         await stop_harness(h)
+
+
+# -- what the pages tell the owner (issue 7 §2) ----------------------------------
+
+
+async def page_of(h: Harness, method: str, path: str) -> tuple[int, str]:
+    async with h.http.request(method, h.base_url + path) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_the_page_names_the_account_the_service_and_the_first_lines(desk: Harness) -> None:
+    """What a spoofed request would make the owner authorize, before the click."""
+    body = "Dzień dobry,\nproszę zmienić hasło skrzynki biuro@acme.test.\nPozdrawiam\n"
+    await desk.send(sender="mail-admin@partner.test", subject="Hasło do poczty", body=body)
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == ["mail-admin@partner.test"])
+    status, page = await page_of(desk, "GET", link_in(auth))
+    assert status == 200
+    for shown in ("ACME sp. z o.o.", "Poczta", "mail-admin@partner.test", "Hasło do poczty"):
+        assert shown in page, shown
+    assert "proszę zmienić hasło skrzynki biuro@acme.test." in page
+    assert "Pozdrawiam" in page
+    status, page = await page_of(desk, "POST", link_in(auth))
+    assert status == 200 and "ACME sp. z o.o." in page and "Poczta" in page
+
+
+async def test_an_account_level_ticket_says_no_service_is_named(desk: Harness) -> None:
+    path = await new_link(desk)
+    status, page = await page_of(desk, "GET", path)
+    assert status == 200 and "ACME sp. z o.o." in page
+    assert "całe konto (bez wskazanej usługi)" in page
+
+
+async def test_the_first_lines_are_escaped(desk: Harness) -> None:
+    body = '<script>alert(1)</script>\n<img src=x onerror=alert(2)> "x" & y\n'
+    await desk.send(body=body)
+    await desk.drain()
+    [auth] = [m for m in desk.new_mail() if m.envelope_to == [OWNER]]
+    status, page = await page_of(desk, "GET", link_in(auth))
+    assert status == 200
+    assert "<script>alert(1)" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(2)&gt; &#34;x&#34; &amp; y" in page
+
+
+async def test_the_used_page_names_the_ticket(desk: Harness) -> None:
+    path = await new_link(desk, subject="Faktura za listopad")
+    assert (await page_of(desk, "POST", path))[0] == 200
+    for method in ("GET", "POST"):
+        status, page = await page_of(desk, method, path)
+        assert status == 410
+        assert "1000" in page and "Faktura za listopad" in page
+        assert "jest już potwierdzone" in page
+
+
+async def test_a_link_spent_without_confirming_does_not_claim_the_ticket_is_confirmed(
+    desk: Harness,
+) -> None:
+    path = await new_link(desk, subject="Nowy link")
+    async with desk.db.transaction() as session:  # what a newer link or a bounce does
+        await session.execute(update(AuthToken).values(used_at=desk.clock.now()))
+    status, page = await page_of(desk, "GET", path)
+    assert status == 410 and "1000" in page and "Nowy link" in page
+    assert "nie zostało nim potwierdzone" in page
+    assert "jest już potwierdzone" not in page
+
+
+async def test_a_sender_who_lost_the_right_to_act_is_told_so_not_expired(desk: Harness) -> None:
+    from iqmaild.storage.directory import revoke_share
+
+    await desk.send(sender="mail-admin@partner.test", subject="Skrzynka pełna")
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == ["mail-admin@partner.test"])
+    async with desk.db.transaction() as session:
+        await revoke_share(session, "acme-mail", "mail-admin@partner.test")
+    for method in ("GET", "POST"):
+        status, page = await page_of(desk, method, link_in(auth))
+        assert status == 410
+        assert "Brak uprawnień do potwierdzenia" in page, page
+        assert "mail-admin@partner.test" in page and "1000" in page
+        assert "wygasł" not in page and "minęła" not in page
+        # It names the ticket, never what the sender may no longer see.
+        assert "ACME sp. z o.o." not in page and "nie działa poczta" not in page
+    assert (await desk.ticket(1000)).authorization == "pending"
+
+
+async def test_english_pages_for_an_english_account(desk: Harness) -> None:
+    await desk.send(
+        sender="boss@beta.test", subject="Server down", body="Hello,\nthe VPS is down.\n"
+    )
+    await desk.drain()
+    auth = next(m for m in desk.new_mail() if m.envelope_to == ["boss@beta.test"])
+    status, page = await page_of(desk, "GET", link_in(auth))
+    assert status == 200 and '<html lang="en">' in page
+    assert "Beta Ltd" in page and "the VPS is down." in page and "Confirm ticket" in page
+    status, page = await page_of(desk, "POST", link_in(auth))
+    assert status == 200 and "Ticket confirmed" in page and "Beta Ltd" in page
+    status, page = await page_of(desk, "GET", link_in(auth))
+    assert status == 410 and "is already confirmed" in page and "Server down" in page
