@@ -22,8 +22,8 @@ from itertools import islice
 from typing import IO, Any, Literal
 
 import ijson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import bindparam, delete, insert, or_, select, update
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iqmaild.core.addresses import normalize
@@ -102,25 +102,34 @@ class DirectoryFile(BaseModel):
     accounts: list[AccountIn]
 
 
+_BATCH = TypeAdapter(list[AccountIn])  # a chunk validated at once: a third cheaper
+
+
 def read_accounts(stream: IO[bytes]) -> Iterator[AccountIn]:
-    """Accounts of a directory file, one at a time, validated."""
+    """Accounts of a directory file, one at a time, validated a chunk at a time."""
+    items = ijson.items(stream, "accounts.item")
+    done = 0
     try:
-        for number, item in enumerate(ijson.items(stream, "accounts.item"), 1):
-            yield _account(number, item)
+        while raw := list(islice(items, CHUNK)):
+            yield from _validated(raw, done)
+            done += len(raw)
     except ijson.JSONError as exc:
         raise DirectoryError(f"not valid JSON: {' '.join(str(exc).split())[:200]}") from None
 
 
-def _account(number: int, item: Any) -> AccountIn:
+def _validated(raw: list[Any], done: int) -> list[AccountIn]:
     try:
-        return AccountIn.model_validate(item)
+        return _BATCH.validate_python(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        index, *loc = err["loc"]
+        item = raw[int(index)]
         name = item.get("id") if isinstance(item, dict) else None
-        label = f"account #{number}" + (f" ({name})" if name else "")
+        label = f"account #{done + int(index) + 1}" + (f" ({name})" if name else "")
         message = err["msg"].removeprefix("Value error, ")
-        raise DirectoryError(f"{label}: {where}: {message}") from None
+        where = ".".join(str(p) for p in loc)
+        text = f"{label}: {where}: {message}" if where else f"{label}: {message}"
+        raise DirectoryError(text) from None
 
 
 @dataclass
@@ -172,35 +181,30 @@ class _Sync:
         roles = {a.id: a.roles() for a in accounts}
         services = {s.id: (a.id, s) for a in accounts for s in a.services}
         s = self.session
+        ids, service_ids = list(wanted), list(services)
         current = {
-            r.id: (r.name, r.lang)
-            for r in await s.execute(
-                select(Account.id, Account.name, Account.lang).where(Account.id.in_(wanted))
-            )
+            r[0]: (r[1], r[2])
+            for r in await self._rows("SELECT id, name, lang FROM accounts WHERE id {}", ids)
         }
         have_addresses: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)
-        for r in await s.execute(
-            select(Address.id, Address.account_id, Address.email, Address.role).where(
-                Address.account_id.in_(wanted)
-            )
+        for row_id, account_id, email, role in await self._rows(
+            "SELECT id, account_id, email, role FROM addresses WHERE account_id {}", ids
         ):
-            have_addresses[r.account_id][r.email] = (r.id, r.role)
+            have_addresses[account_id][email] = (row_id, role)
         have_services = {
-            r.id: (r.account_id, r.name)
-            for r in await s.execute(
-                select(Service.id, Service.account_id, Service.name).where(
-                    or_(Service.account_id.in_(wanted), Service.id.in_(services))
-                )
+            r[0]: (r[1], r[2])
+            for r in await self._rows(
+                "SELECT id, account_id, name FROM services WHERE account_id {} OR id {}",
+                ids,
+                service_ids,
             )
         }
         have_shares: dict[str, dict[str, int]] = defaultdict(dict)
         if have_services:
-            for r in await s.execute(
-                select(Share.id, Share.service_id, Share.email).where(
-                    Share.service_id.in_(have_services)
-                )
+            for row_id, service_id, email in await self._rows(
+                "SELECT id, service_id, email FROM shares WHERE service_id {}", list(have_services)
             ):
-                have_shares[r.service_id][r.email] = r.id
+                have_shares[service_id][email] = row_id
 
         new_accounts, changed_accounts = [], []
         for a in accounts:
@@ -219,7 +223,7 @@ class _Sync:
         drop_addresses, role_changes, new_addresses = [], [], []
         for account_id, want in roles.items():
             have = have_addresses.get(account_id, {})
-            for email, (row_id, role) in sorted(have.items()):
+            for email, (row_id, role) in have.items():
                 if email not in want:
                     drop_addresses.append(row_id)
                     self.note("addresses", "removed", f"- address {account_id} {email} ({role})")
@@ -259,7 +263,7 @@ class _Sync:
         for service_id, (_, service) in services.items():
             have = have_shares.get(service_id, {})
             want = set(service.shared_with)
-            for email, row_id in sorted(have.items()):
+            for email, row_id in have.items():
                 if email not in want:
                     drop_shares.append(row_id)
                     self.note("shares", "removed", f"- share {service_id} {email}")
@@ -284,6 +288,19 @@ class _Sync:
             await self._insert(Address, new_addresses)
         if new_shares:
             await self._insert(Share, new_shares)
+
+    async def _rows(self, sql: str, *lists: list[str]) -> list[Any]:
+        """A read of plain columns by lists of ids, straight through the driver: each
+        ``{}`` becomes ``IN (?, ...)`` on SQLite, ``= ANY($n)`` (one array) on PostgreSQL."""
+        conn = await self.session.connection()
+        if conn.dialect.name == "sqlite":
+            marks = [f"IN ({', '.join('?' * len(values))})" for values in lists]
+            params: tuple[Any, ...] = tuple(v for values in lists for v in values)
+        else:
+            marks = [f"= ANY(${n}::varchar[])" for n in range(1, len(lists) + 1)]
+            params = tuple(lists)
+        result = await conn.exec_driver_sql(sql.format(*marks), params)
+        return list(result.all())
 
     async def _insert(self, model: Any, rows: list[dict[str, str]]) -> None:
         """Rows of plain strings straight to the driver's executemany: at 700,000
