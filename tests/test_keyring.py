@@ -8,6 +8,8 @@ old key (what only it signed is refused).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +22,15 @@ from iqmaild.apply import tickets
 from iqmaild.config import ConfigError, parse_config
 from iqmaild.core.keys import KeyRing
 from iqmaild.storage.models import OutboxItem
-from tests.harness import STAFF, Harness, config_dict, parse, start_harness, stop_harness
+from tests.harness import (
+    STAFF,
+    Harness,
+    config_dict,
+    parse,
+    start_harness,
+    stop_harness,
+    to_toml,
+)
 from tests.pg import temp_database
 
 OWNER = "owner@acme.test"
@@ -132,3 +142,20 @@ def test_a_ring_is_configured_with_ids_and_only_one_way(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=expected):
             parsed(**security)
+
+
+def test_check_config_names_the_ring(tmp_path: Path) -> None:
+    data = config_dict(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}", 25, security=ROTATED)
+    conf = tmp_path / "ring.toml"
+    security = data.pop("security")
+    ring = ", ".join(f'{{ id = {e["id"]}, key = "{e["key"]}" }}' for e in security["secret_keys"])
+    conf.write_text(to_toml(data) + f"[security]\nsecret_keys = [{ring}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "iqmaild.cli", "--config", str(conf), "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "key ids 1, 0 (the first signs)" in done.stdout
