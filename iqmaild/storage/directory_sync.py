@@ -191,13 +191,13 @@ class _Sync:
             "SELECT id, account_id, email, role FROM addresses WHERE account_id {}", ids
         ):
             have_addresses[account_id][email] = (row_id, role)
+        # The chunk's services, and those it takes over from accounts elsewhere.
         have_services = {
             r[0]: (r[1], r[2])
             for r in await self._rows(
-                "SELECT id, account_id, name FROM services WHERE account_id {} OR id {}",
-                ids,
-                service_ids,
+                "SELECT id, account_id, name FROM services WHERE account_id {}", ids
             )
+            + await self._rows("SELECT id, account_id, name FROM services WHERE id {}", service_ids)
         }
         have_shares: dict[str, dict[str, int]] = defaultdict(dict)
         if have_services:
@@ -289,18 +289,22 @@ class _Sync:
         if new_shares:
             await self._insert(Share, new_shares)
 
-    async def _rows(self, sql: str, *lists: list[str]) -> list[Any]:
-        """A read of plain columns by lists of ids, straight through the driver: each
-        ``{}`` becomes ``IN (?, ...)`` on SQLite, ``= ANY($n)`` (one array) on PostgreSQL."""
+    async def _rows(self, sql: str, values: list[str]) -> list[Any]:
+        """A read of plain columns by a list of ids, straight through the driver, in
+        parts the drivers take: ``{}`` becomes ``IN (?, ...)`` (``IN ($1, ...)`` on
+        PostgreSQL). Not ``= ANY($1)``: a prepared statement's generic plan for an
+        array, made while the tables were still small, scanned them whole as they grew."""
         conn = await self.session.connection()
-        if conn.dialect.name == "sqlite":
-            marks = [f"IN ({', '.join('?' * len(values))})" for values in lists]
-            params: tuple[Any, ...] = tuple(v for values in lists for v in values)
-        else:
-            marks = [f"= ANY(${n}::varchar[])" for n in range(1, len(lists) + 1)]
-            params = tuple(lists)
-        result = await conn.exec_driver_sql(sql.format(*marks), params)
-        return list(result.all())
+        sqlite = conn.dialect.name == "sqlite"
+        out: list[Any] = []
+        for part in _parts(values, 5000):
+            if sqlite:
+                marks = ", ".join("?" * len(part))
+            else:
+                marks = ", ".join(f"${i}" for i in range(1, len(part) + 1))
+            result = await conn.exec_driver_sql(sql.format(f"IN ({marks})"), tuple(part))
+            out.extend(result.all())
+        return out
 
     async def _insert(self, model: Any, rows: list[dict[str, str]]) -> None:
         """Rows of plain strings straight to the driver's executemany: at 700,000
