@@ -195,3 +195,34 @@ async def test_suppressed_mail_is_listed_with_its_rule(backend: str, tmp_path: P
         table = (await iq(h, "outbox", "list", "--state", "suppressed")).stdout
         assert "RULE" in table and "recipient_rate_limit" in table
         assert all(r["state"] != "suppressed" for r in await rows(h))
+
+
+async def test_retention_keeps_a_held_ticket_and_purges_deleted_mail(desk: Harness) -> None:
+    """Held mail is live (an operator will act), deleted mail finished: retention
+    purges the correspondence only once nothing of it waits any more."""
+    from datetime import timedelta
+
+    from iqmaild.deliver import queue
+
+    desk.relay.rcpt_replies = [LATER, LATER]
+    await desk.send(subject="Wstrzymane na długo")
+    await desk.drain()
+    async with desk.db.read() as session:
+        rows = {r.kind: r for r in await session.scalars(select(OutboxItem))}
+    assert {r.state for r in rows.values()} == {"queued"}
+    now = desk.clock.now()
+    held = await queue.act(desk.db, "hold", [rows["staff"].id], now, actor="test")
+    deleted = await queue.act(desk.db, "delete", [rows["auth_request"].id], now, actor="test")
+    assert (held.changed, deleted.changed) == ([rows["staff"].id], [rows["auth_request"].id])
+    desk.clock.advance(timedelta(days=95).total_seconds())
+    await desk.daemon.retention.run(actor="test")
+    number = await last_ticket(desk)
+    assert (await desk.ticket(number)).purged_at is None  # the held staff copy waits
+
+    await queue.act(desk.db, "delete", [rows["staff"].id], desk.clock.now(), actor="test")
+    await desk.daemon.retention.run(actor="test")
+    assert (await desk.ticket(number)).purged_at is not None
+    async with desk.db.read() as session:
+        after = list(await session.scalars(select(OutboxItem)))
+    assert all(r.recipient == "" and r.purged_at is not None for r in after)
+    assert desk.relay.messages == []
