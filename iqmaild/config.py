@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from iqmaild.core.addresses import normalize, split_extension
+from iqmaild.core.keys import KeyRing
 from iqmaild.core.retention import Periods
 
 ENV_VAR = "IQMAILD_CONFIG"
@@ -198,15 +199,48 @@ class TicketsConfig(_Section):
         return value
 
 
+def _secret(value: str) -> str:
+    if len(value) < 32:
+        raise ValueError("at least 32 characters")
+    if "CHANGE-ME" in value:
+        raise ValueError("still the example's placeholder: set a long random key")
+    return value
+
+
+class SecretKeyEntry(_Section):
+    """One key of the ring: a stable id (what it signed names it) and the key."""
+
+    id: int = Field(ge=0, le=65535)
+    key: str
+
+    _key = field_validator("key")(lambda v: _secret(v))
+
+
 class SecurityConfig(_Section):
-    secret_key: str = Field(min_length=32)
+    # One key (the ring of one, key id 0), or a ring: current first, then previous.
+    secret_key: str = ""
+    secret_keys: tuple[SecretKeyEntry, ...] = Field(default=(), max_length=8)
 
     @field_validator("secret_key")
     @classmethod
     def _not_the_example(cls, value: str) -> str:
-        if "CHANGE-ME" in value:
-            raise ValueError("still the example's placeholder: set a long random key")
-        return value
+        return _secret(value) if value else value
+
+    @model_validator(mode="after")
+    def _one_ring(self) -> SecurityConfig:
+        if bool(self.secret_key) == bool(self.secret_keys):
+            raise ValueError(
+                "secret_key: set secret_key or secret_keys (a ring, current first), not both"
+                if self.secret_key
+                else "secret_key: missing required key (or secret_keys)"
+            )
+        ids = [entry.id for entry in self.secret_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("secret_keys: key ids must be distinct")
+        keys = [entry.key for entry in self.secret_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("secret_keys: the same key twice")
+        return self
 
     admin_header_patterns: tuple[str, ...] = ("X-Mailer: IQ\\.Admin",)
     admin_senders: tuple[str, ...] = ()
@@ -424,7 +458,16 @@ class Config(_Section):
 
     @property
     def key(self) -> bytes:
-        return self.security.secret_key.encode()
+        """The current key (what signs now); verification uses ``keys``."""
+        return self.keys.current[1]
+
+    @cached_property
+    def keys(self) -> KeyRing:
+        """The key ring: ``secret_keys`` in order, or ``secret_key`` as key id 0."""
+        security = self.security
+        if security.secret_keys:
+            return KeyRing(tuple((e.id, e.key.encode()) for e in security.secret_keys))
+        return KeyRing(((0, security.secret_key.encode()),))
 
     @cached_property
     def return_path_base(self) -> str:

@@ -55,7 +55,8 @@ SUPPRESSION_REASONS = (
 REJECT_REASONS = ("recipient", "size", "storage")
 STAGES = ("commit", "classify", "deliver")
 MESSAGE_STATES = ("received", "processed", "dead")
-OUTBOX_STATES = ("queued", "sending", "sent", "failed")
+# held and deleted: an operator's `outbox hold` and `outbox delete`
+OUTBOX_STATES = ("queued", "sending", "sent", "failed", "held", "deleted")
 # Stage latencies span a fast commit (ms) to a slow relay (minutes).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 

@@ -154,7 +154,7 @@ def build(config: Config, log: Any | None = None, clock: Clock | None = None) ->
         ),
         sequence_numbers=not db.is_sqlite,
     )
-    applier = Applier(settings, composer, tags, config.key, clock, log, metrics)
+    applier = Applier(settings, composer, tags, config.keys, clock, log, metrics)
     return Parts(config, clock, log, metrics, db, renderer, tags, composer, applier, instance_id())
 
 
@@ -162,7 +162,7 @@ def parse_context(config: Config, tags: TagFormat, domain: str) -> ParseContext:
     split = (p.partition(":") for p in config.security.admin_header_patterns)
     return ParseContext(
         tags=tags,
-        key=config.key,
+        key=config.keys,
         msgid_domain=domain,
         trusted_authserv_ids=frozenset(a.lower() for a in config.security.trusted_authserv_ids),
         wanted_headers=frozenset(name.strip().lower() for name, _, _ in split),
@@ -327,7 +327,7 @@ class Daemon:
                 )
                 ticket = await session.get(Ticket, number) if number else None
             if ticket is not None:
-                tag = tag_for(self.parts.tags, self.config.key, ticket, True)
+                tag = tag_for(self.parts.tags, self.config.keys, ticket, True)
                 return stored.id, {
                     "number": ticket.number,
                     "tag": tag,

@@ -25,6 +25,7 @@ from iqmaild.apply import tickets
 from iqmaild.apply.tickets import TicketRow, tag_for
 from iqmaild.clock import Clock
 from iqmaild.core.addresses import normalize, split_extension
+from iqmaild.core.keys import KeyRing
 from iqmaild.core.mail import MailIntent, StaffCopy
 from iqmaild.core.plan import Plan
 from iqmaild.core.policy import TicketAction
@@ -121,7 +122,7 @@ class Applier:
         settings: Settings,
         composer: Composer,
         tags: TagFormat,
-        key: bytes,
+        key: KeyRing | bytes,
         clock: Clock,
         log: Any,
         metrics: Metrics,

@@ -15,7 +15,8 @@ from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from iqmaild.core.facts import TicketView
-from iqmaild.core.tag import TagFormat, derive_code
+from iqmaild.core.keys import KeyRing
+from iqmaild.core.tag import TagFormat, accepted_codes, derive_code
 from iqmaild.core.vocabulary import TicketState
 from iqmaild.storage.models import Counter, Ticket
 
@@ -141,14 +142,17 @@ async def by_number(session: AsyncSession, number: int) -> Ticket | None:
     return await session.scalar(select(Ticket).where(Ticket.number == number))
 
 
-def code_of(key: bytes, ticket: HasCode) -> str:
+def code_of(key: KeyRing | bytes, ticket: HasCode) -> str:
+    """The code mailed now: under the ring's current key."""
     return derive_code(key, ticket.number, ticket.code_nonce)
 
 
-def view_of(key: bytes, ticket: Any, primary: str | None = None) -> TicketView:
+def view_of(key: KeyRing | bytes, ticket: Any, primary: str | None = None) -> TicketView:
+    codes = accepted_codes(key, ticket.number, ticket.code_nonce)
     return TicketView(
         number=ticket.number,
-        code=code_of(key, ticket),
+        code=codes[0],
+        codes=codes,
         account_id=ticket.account_id,
         service_id=ticket.service_id,
         closed=ticket.state == TicketState.CLOSED.value,
@@ -159,7 +163,7 @@ def view_of(key: bytes, ticket: Any, primary: str | None = None) -> TicketView:
     )
 
 
-def tag_for(tags: TagFormat, key: bytes, ticket: HasCode, include_code: bool) -> str:
+def tag_for(tags: TagFormat, key: KeyRing | bytes, ticket: HasCode, include_code: bool) -> str:
     """The full tag only where the code may go: callers pass whether it may."""
     if include_code:
         return tags.full(ticket.number, code_of(key, ticket))

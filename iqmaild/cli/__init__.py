@@ -20,4 +20,12 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj["config_path"] = config_path
 
 
-from iqmaild.cli import daemon, demo, directory, lifecycle, messages, tickets  # noqa: E402,F401
+from iqmaild.cli import (  # noqa: E402,F401
+    daemon,
+    demo,
+    directory,
+    lifecycle,
+    messages,
+    queue,
+    tickets,
+)

@@ -37,7 +37,8 @@ def check_config(ctx: click.Context) -> None:
     config = config_of(ctx)
     click.echo(
         f"config ok: smtp {config.smtp.listen}, http {config.http.listen}, "
-        f"database {config.database.url.split(':', 1)[0]}"
+        f"database {config.database.url.split(':', 1)[0]}, "
+        f"key ids {', '.join(map(str, config.keys.ids))} (the first signs)"
     )
 
 

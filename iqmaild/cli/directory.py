@@ -10,6 +10,8 @@ import click
 from iqmaild.cli import main
 from iqmaild.cli.common import CLOCK, Fail, emit, run_job
 from iqmaild.storage import directory as d
+from iqmaild.storage import directory_sync as sync
+from iqmaild.storage.models import AuditEvent
 
 
 @main.group()
@@ -151,19 +153,66 @@ def directory() -> None:
     """The whole directory at once."""
 
 
+class _DryRun(Exception):
+    """Raised inside the transaction so that a dry run changes nothing."""
+
+
 @directory.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Make the directory equal to the file: remove what it no longer has.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@click.option("--summary", is_flag=True, help="Only the counts, not every line of the diff.")
 @click.pass_context
-def directory_import(ctx: click.Context, file: Path) -> None:
-    """Upsert accounts, addresses, services and shares from JSON (idempotent)."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise Fail(f"{file}: {exc}") from None
+def directory_import(
+    ctx: click.Context, file: Path, replace: bool, dry_run: bool, summary: bool
+) -> None:
+    """Import a directory JSON file (README, "Directory JSON"), in one transaction.
+
+    Without --replace: upsert (nothing is removed). With --replace: the
+    directory becomes the file, and the diff is printed (+ added, ~ changed,
+    - removed accounts, addresses, services, shares).
+    """
+
+    emit = None if summary else click.echo
 
     async def work(config, db):  # type: ignore[no-untyped-def]
-        async with db.transaction() as session:
-            return await d.import_directory(session, data, CLOCK.now())
+        try:
+            with file.open("rb") as stream:
+                async with db.transaction() as session:
+                    accounts = sync.read_accounts(stream)
+                    if replace:
+                        diff = await sync.replace_directory(session, accounts, CLOCK.now(), emit)
+                        result = diff.summary()
+                        data = {"file": file.name, "counts": diff.counts}
+                        session.add(
+                            AuditEvent(
+                                ts=CLOCK.now(), event="directory.replaced", actor="cli", data=data
+                            )
+                        )
+                    else:
+                        counts = {"accounts": 0, "addresses": 0, "services": 0, "shares": 0}
+                        for part in sync.chunks(accounts):
+                            data = {"accounts": [a.model_dump(exclude_unset=True) for a in part]}
+                            done = await d.import_directory(session, data, CLOCK.now())
+                            for key, value in done.items():
+                                counts[key] += value
+                        result = "imported " + ", ".join(f"{v} {k}" for k, v in counts.items())
+                    if dry_run:
+                        raise _DryRun(result)
+        except _DryRun as dry:
+            return f"dry run, nothing changed: {dry}"
+        except OSError as exc:
+            raise Fail(f"{file}: {exc}") from None
+        return result
 
-    counts = run_job(ctx, work)
-    click.echo("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    click.echo(run_job(ctx, work))
+
+
+@directory.command("schema")
+def directory_schema() -> None:
+    """Print the JSON Schema of a directory file."""
+    click.echo(json.dumps(sync.DirectoryFile.model_json_schema(), indent=1))

@@ -1,4 +1,4 @@
-"""Ticket and outbox commands for desk operators."""
+"""Ticket commands for desk operators (the outbox's are in cli/queue.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from iqmaild.apply import tickets
 from iqmaild.apply.effects import Writes, audit_row
@@ -14,10 +14,11 @@ from iqmaild.cli import main
 from iqmaild.cli.common import CLOCK, Fail, emit, run_job
 from iqmaild.core.mail import AuthRequest, MailIntent, StaffReply
 from iqmaild.core.vocabulary import MailKind, TicketState
+from iqmaild.deliver import queue
 from iqmaild.deliver.compose import ThreadInfo
 from iqmaild.parse.message import body_preview, thread_of
 from iqmaild.storage.directory import view_for
-from iqmaild.storage.models import AuditEvent, AuthToken, Message, OutboxItem, Service, Ticket
+from iqmaild.storage.models import AuditEvent, AuthToken, Message, Service, Ticket
 
 
 def _applier(config: Any) -> Any:
@@ -237,6 +238,8 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
             .where(AuthToken.ticket_id == t.id, AuthToken.used_at.is_(None))
             .values(used_at=CLOCK.now())
         )
+        # Link mails not sent yet would carry a spent link: the new one replaces them.
+        superseded = await queue.supersede_links(session, t.id, CLOCK.now())
         last = await session.scalar(
             select(Message)
             .where(Message.ticket_id == t.id, Message.from_address == t.requester)
@@ -251,7 +254,7 @@ async def reissue_link(config: Any, db: Any, number: int) -> str:
             writes, intent, t, thread, last.id if last else None, t.lang, CLOCK.now()
         )
         await applier.write(session, writes)
-        _audit(session, "authlink.reissued", t)
+        _audit(session, "authlink.reissued", t, superseded=superseded)
         return t.requester
 
 
@@ -262,67 +265,3 @@ def ticket_resend_link(ctx: click.Context, number: int) -> None:
     """Mail a new authorization link to the ticket's requester; earlier links are spent."""
     recipient = run_job(ctx, lambda config, db: reissue_link(config, db, number))
     click.echo(f"ticket {number}: new link to {recipient} queued; earlier links no longer work")
-
-
-@main.group()
-def outbox() -> None:
-    """The persistent outbox."""
-
-
-@outbox.command("list")
-@click.option(
-    "--state", type=click.Choice(["queued", "sending", "sent", "failed", "all"]), default="all"
-)
-@click.option("--limit", type=int, default=100)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def outbox_list(ctx: click.Context, state: str, limit: int, as_json: bool) -> None:
-    """Outbound mail, newest first."""
-
-    async def work(config, db):  # type: ignore[no-untyped-def]
-        async with db.read() as session:
-            query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
-            if state != "all":
-                query = query.where(OutboxItem.state == state)
-            return [
-                {
-                    "id": o.id,
-                    "kind": o.kind,
-                    "state": o.state,
-                    "recipient": o.recipient,
-                    "attempts": o.attempts,
-                    "ticket_id": o.ticket_id,
-                    "created": o.created_at.isoformat(timespec="seconds"),
-                    "last_error": o.last_error or "",
-                }
-                for o in await session.scalars(query)
-            ]
-
-    emit(
-        run_job(ctx, work), as_json, ["id", "kind", "state", "recipient", "attempts", "last_error"]
-    )
-
-
-@outbox.command("retry")
-@click.argument("ids", nargs=-1, type=int)
-@click.pass_context
-def outbox_retry(ctx: click.Context, ids: tuple[int, ...]) -> None:
-    """Queue failed mail again (all failed rows, or the given ids).
-
-    A link mail that failed for good is blanked and its link spent: use
-    `ticket resend-link N` for a new one.
-    """
-
-    async def work(config, db):  # type: ignore[no-untyped-def]
-        async with db.transaction() as session:
-            query = update(OutboxItem).where(
-                OutboxItem.state == "failed", func.length(OutboxItem.content) > 0
-            )
-            if ids:
-                query = query.where(OutboxItem.id.in_(ids))
-            result = await session.execute(
-                query.values(state="queued", next_attempt_at=CLOCK.now(), attempts=0)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
-
-    click.echo(f"{run_job(ctx, work)} message(s) queued again")

@@ -136,6 +136,12 @@ class TicketView:
     requester: str | None = None  # who opened it
     primary: str | None = None  # the account's primary address
     purged: bool = False  # retention or erasure removed its personal data
+    # Every code that verifies (one per key of the ring, ``code`` first); empty: ``code``.
+    codes: tuple[str, ...] = ()
+
+    @property
+    def accepted_codes(self) -> tuple[str, ...]:
+        return self.codes or (self.code,)
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,14 @@ def _code_mismatch(s: Situation) -> bool:
     tag = s.facts.tag
     if s.ticket is None or tag is None or tag.code is None:
         return False
-    return not code_matches(s.ticket.code, tag.code)
+    return not code_matches(s.ticket.accepted_codes, tag.code)
 
 
 def _code_valid(s: Situation) -> bool:
     tag = s.facts.tag
-    return s.ticket is not None and tag is not None and code_matches(s.ticket.code, tag.code)
+    return (
+        s.ticket is not None and tag is not None and code_matches(s.ticket.accepted_codes, tag.code)
+    )
 
 
 def _sender_has(role: Role) -> Callable[[Situation], bool]:

@@ -1,7 +1,9 @@
 """The ticket tag ``[PREFIX#NUMBER:CODE]``: formatting, finding and checking.
 
 The code is a secret: it is derived from a per-ticket nonce with the daemon's key
-(so the database alone does not reveal it) and compared in constant time.
+(so the database alone does not reveal it) and compared in constant time. Mail
+carries the code under the ring's current key; a code under any key of the
+ring is accepted (a rotated key leaves the codes it made valid until dropped).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
+
+from iqmaild.core.keys import KeyRing, any_equal, label
 
 CODE_HEX_DIGITS = 20  # 80 bits
 
@@ -81,15 +85,26 @@ def strip_reply_prefixes(subject: str) -> str:
     return _REPLY_PREFIX.sub("", subject).strip()
 
 
-def derive_code(key: bytes, number: int, nonce: bytes) -> str:
-    """The ticket's authorization code: HMAC of (number, nonce) under the daemon key."""
-    mac = hmac.new(key, b"iqmaild-ticket-code\x00%d\x00" % number + nonce, hashlib.sha256)
-    return mac.hexdigest()[:CODE_HEX_DIGITS]
+def _code(key_id: int, key: bytes, number: int, nonce: bytes) -> str:
+    message = label(b"iqmaild-ticket-code", key_id) + b"\x00%d\x00" % number + nonce
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:CODE_HEX_DIGITS]
 
 
-def code_matches(expected: str, presented: str | None) -> bool:
-    """Constant-time comparison of a presented code with the ticket's code."""
+def derive_code(key: KeyRing | bytes, number: int, nonce: bytes) -> str:
+    """The ticket's authorization code to mail: HMAC of (number, nonce) under the
+    current key (a bare key is the ring of one, id 0: the code it always was)."""
+    key_id, secret = KeyRing.of(key).current
+    return _code(key_id, secret, number, nonce)
+
+
+def accepted_codes(key: KeyRing | bytes, number: int, nonce: bytes) -> tuple[str, ...]:
+    """Every code of the ticket that verifies: one per key of the ring, current first."""
+    return tuple(_code(key_id, secret, number, nonce) for key_id, secret in KeyRing.of(key))
+
+
+def code_matches(expected: str | tuple[str, ...], presented: str | None) -> bool:
+    """Constant-time comparison of a presented code with the ticket's code(s)."""
     if presented is None:
         return False
-    candidate = presented.lower().encode("ascii", "replace")
-    return hmac.compare_digest(expected.encode("ascii"), candidate)
+    codes = (expected,) if isinstance(expected, str) else expected
+    return any_equal(codes, presented.lower())

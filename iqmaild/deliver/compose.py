@@ -123,10 +123,10 @@ class Composer:
     def new_message_id(self, ticket_number: int | None, kind: str = threadref.AUTOMATIC) -> str:
         """Ours, signed; its first character says what kind of mail it is (threadref)."""
         unique = kind + secrets.token_hex(8)
-        return threadref.make_message_id(self.config.key, ticket_number, unique, self.domain)
+        return threadref.make_message_id(self.config.keys, ticket_number, unique, self.domain)
 
     def loop_mark(self) -> str:
-        return loopmark.make_mark(self.config.key, secrets.token_hex(8))
+        return loopmark.make_mark(self.config.keys, secrets.token_hex(8))
 
     def customer_mail(
         self,

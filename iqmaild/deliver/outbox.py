@@ -213,7 +213,7 @@ class OutboxWorker:
     def envelope_sender(self, row_id: int) -> str:
         base = self.config.return_path_base
         return verp.envelope_sender(
-            self.config.key, row_id, base, self.config.smtp.recipient_delimiter or "+"
+            self.config.keys, row_id, base, self.config.smtp.recipient_delimiter or "+"
         )
 
     async def recover(self, *, all_claims: bool = False) -> int:

@@ -72,7 +72,7 @@ class DeskHandler:
         self.desk = frozenset(config.smtp.desk_addresses)
         self.delimiter = config.smtp.recipient_delimiter
         self.return_path = config.return_path_base
-        self.key = config.key
+        self.key = config.keys
         self.max_size = config.smtp.max_message_size
         self.max_recipients = config.smtp.max_recipients
         self.lmtp = config.smtp.protocol == "lmtp"

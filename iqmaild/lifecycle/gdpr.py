@@ -309,7 +309,10 @@ async def erase(session: AsyncSession, address: str, now: datetime) -> Found:
         # Mail to an erased address is not sent any more.
         await session.execute(
             update(OutboxItem)
-            .where(OutboxItem.id.in_(found.outbox), OutboxItem.state.in_(("queued", "sending")))
+            .where(
+                OutboxItem.id.in_(found.outbox),
+                OutboxItem.state.in_(("queued", "sending", "held")),
+            )
             .values(state="failed", last_error="erased (data subject's request)")
         )
     await purge_outbox(session, found.outbox, now)

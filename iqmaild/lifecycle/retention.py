@@ -62,8 +62,8 @@ KINDS = (
     "suppressions",
 )
 
-FINISHED_MAIL = ("sent", "failed")
-LIVE_MAIL = ("queued", "sending")
+FINISHED_MAIL = ("sent", "failed", "deleted")  # deleted: by an operator (outbox delete)
+LIVE_MAIL = ("queued", "sending", "held")  # held: an operator will act
 
 
 # -- what is due ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 from iqmaild.core import loopmark, threadref, verp
 from iqmaild.core.addresses import domain_of, normalize
 from iqmaild.core.facts import MessageFacts
+from iqmaild.core.keys import KeyRing
 from iqmaild.core.tag import TagFormat
 from iqmaild.core.text import SURROGATES, clean_text, message_ids
 from iqmaild.core.vocabulary import Channel
@@ -70,7 +71,7 @@ class ParseContext:
     """What parsing needs from the configuration, built once at wiring."""
 
     tags: TagFormat
-    key: bytes
+    key: KeyRing | bytes
     msgid_domain: str
     trusted_authserv_ids: frozenset[str] = frozenset()
     wanted_headers: frozenset[str] = frozenset()  # headers a rule reads (admin markers)
@@ -444,7 +445,7 @@ def _link_tokens(raw: bytes, tree: _Tree, prefix: str, subject: str = "") -> tup
     return tuple(itertools.islice(found, MAX_LINK_TOKENS))
 
 
-def _own_mail(fields: Fields, key: bytes, domain: str, message_id: str) -> bool:
+def _own_mail(fields: Fields, key: KeyRing | bytes, domain: str, message_id: str) -> bool:
     """Our signed loop mark or one of our own Message-IDs: our mail came back."""
     if any(loopmark.is_ours(key, " ".join(raw.split())) for raw in fields.raw("x-iq-loop")):
         return True
