@@ -125,6 +125,17 @@ def staff_folder(config: Config) -> StaffFolder | None:
     return None
 
 
+def rate_limits(config: Any) -> Limits:
+    """The pure core's limits from ``outbound.rate_limit`` (at start and on reload)."""
+    return Limits(
+        per_recipient_10min=config.per_recipient_10min,
+        per_recipient_day=config.per_recipient_day,
+        per_ticket_day=config.per_ticket_day,
+        unknown_sender_domain_hour=config.unknown_sender_domain_hour,
+        unknown_sender_hour=config.unknown_sender_hour,
+    )
+
+
 def build(config: Config, log: Any | None = None, clock: Clock | None = None) -> Parts:
     log = log or logs.get("iqmaild")
     clock = clock or SystemClock()
@@ -134,7 +145,6 @@ def build(config: Config, log: Any | None = None, clock: Clock | None = None) ->
     renderer = Renderer(override_dir=override)
     tags = TagFormat(config.tickets.tag_prefix)
     composer = Composer(config, renderer, tags, clock)
-    limits = config.outbound.rate_limit
     settings = Settings(
         number_start=config.tickets.number_start,
         link_ttl_hours=config.tickets.link_ttl_hours,
@@ -145,13 +155,7 @@ def build(config: Config, log: Any | None = None, clock: Clock | None = None) ->
         delimiter=config.smtp.recipient_delimiter,
         desk_addresses=frozenset(config.smtp.desk_addresses),
         bounce_suppress_hours=config.outbound.bounce_suppress_hours,
-        limits=Limits(
-            per_recipient_10min=limits.per_recipient_10min,
-            per_recipient_day=limits.per_recipient_day,
-            per_ticket_day=limits.per_ticket_day,
-            unknown_sender_domain_hour=limits.unknown_sender_domain_hour,
-            unknown_sender_hour=limits.unknown_sender_hour,
-        ),
+        limits=rate_limits(config.outbound.rate_limit),
         sequence_numbers=not db.is_sqlite,
     )
     applier = Applier(settings, composer, tags, config.keys, clock, log, metrics)
@@ -226,16 +230,8 @@ def reload_parts(parts: Parts, new: Config) -> list[str]:
     override = Path(new.templates.override_dir) if new.templates.override_dir else None
     parts.renderer = Renderer(override_dir=override)
     parts.composer.renderer = parts.renderer
-    limits = new.outbound.rate_limit
     parts.applier.settings = dataclasses.replace(
-        parts.applier.settings,
-        limits=Limits(
-            per_recipient_10min=limits.per_recipient_10min,
-            per_recipient_day=limits.per_recipient_day,
-            per_ticket_day=limits.per_ticket_day,
-            unknown_sender_domain_hour=limits.unknown_sender_domain_hour,
-            unknown_sender_hour=limits.unknown_sender_hour,
-        ),
+        parts.applier.settings, limits=rate_limits(new.outbound.rate_limit)
     )
     return ["templates", "outbound.rate_limit", f"logging.level={new.logging.level}"]
 
