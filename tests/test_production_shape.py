@@ -81,4 +81,6 @@ async def test_the_worker_runs_below_intake_on_the_cpu(live: Harness) -> None:
     await arrival(live, 2)  # the worker is up and working
     worker = supervisor.proc.pid
     nice = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    assert nice - os.nice(0) == live.config.processing.worker_nice == 10
+    ours = os.nice(0)  # a test run may itself be niced: the kernel caps at 19
+    assert live.config.processing.worker_nice == 10
+    assert nice == min(19, ours + 10) and (nice > ours or ours == 19)
