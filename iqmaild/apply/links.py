@@ -216,7 +216,11 @@ class Links:
 
 
 def _with(info: LinkInfo, state: LinkState) -> LinkInfo:
-    return replace(info, state=state)
+    """A link that no longer works names its ticket and nothing the customer wrote:
+    whoever holds a spent copy (a forward, an auto-reply) learns no subject, no sender."""
+    return LinkInfo(
+        state, ticket_number=info.ticket_number, lang=info.lang, authorized=info.authorized
+    )
 
 
 async def _still_eligible(session: Any, email: str, ticket: Ticket) -> bool:

@@ -300,8 +300,9 @@ async def test_the_used_page_names_the_ticket(desk: Harness) -> None:
     for method in ("GET", "POST"):
         status, page = await page_of(desk, method, path)
         assert status == 410
-        assert "1000" in page and "Faktura za listopad" in page
-        assert "jest już potwierdzone" in page
+        assert "1000" in page and "jest już potwierdzone" in page
+        # a spent copy (a forward, an auto-reply) names the ticket, nothing written in it
+        assert "Faktura za listopad" not in page and OWNER not in page
 
 
 async def test_a_link_spent_without_confirming_does_not_claim_the_ticket_is_confirmed(
@@ -311,7 +312,7 @@ async def test_a_link_spent_without_confirming_does_not_claim_the_ticket_is_conf
     async with desk.db.transaction() as session:  # what a newer link or a bounce does
         await session.execute(update(AuthToken).values(used_at=desk.clock.now()))
     status, page = await page_of(desk, "GET", path)
-    assert status == 410 and "1000" in page and "Nowy link" in page
+    assert status == 410 and "1000" in page and "Nowy link" not in page
     assert "nie zostało nim potwierdzone" in page
     assert "jest już potwierdzone" not in page
 
@@ -328,7 +329,7 @@ async def test_a_sender_who_lost_the_right_to_act_is_told_so_not_expired(desk: H
         status, page = await page_of(desk, method, link_in(auth))
         assert status == 410
         assert "Brak uprawnień do potwierdzenia" in page, page
-        assert "mail-admin@partner.test" in page and "1000" in page
+        assert "1000" in page and "mail-admin@partner.test" not in page
         assert "wygasł" not in page and "minęła" not in page
         # It names the ticket, never what the sender may no longer see.
         assert "ACME sp. z o.o." not in page and "nie działa poczta" not in page
@@ -347,4 +348,4 @@ async def test_english_pages_for_an_english_account(desk: Harness) -> None:
     status, page = await page_of(desk, "POST", link_in(auth))
     assert status == 200 and "Ticket confirmed" in page and "Beta Ltd" in page
     status, page = await page_of(desk, "GET", link_in(auth))
-    assert status == 410 and "is already confirmed" in page and "Server down" in page
+    assert status == 410 and "is already confirmed" in page and "Server down" not in page
