@@ -518,12 +518,15 @@ class OutboxWorker:
             await self._defer(item, error, never_give_up=True)
             return
         async with self.db.transaction(priority="normal") as session:
-            await session.execute(
+            result = await session.execute(
                 self._mine(item.id).values(
                     state="failed", last_error=error[:2000], claimed_by=None, claimed_until=None
                 )
             )
-            await self._failed_effects(session, item, error, recipient=exc.recipient)
+            # A row changed meanwhile (an erasure, an operator, a peer's recovery) is no
+            # longer ours to act on: no suppression from the address we held in memory.
+            if _changed(result):
+                await self._failed_effects(session, item, error, recipient=exc.recipient)
         self.log.warning(
             "outbox.failed",
             outbox=item.id,
@@ -582,8 +585,8 @@ class OutboxWorker:
             values["state"] = "queued"
             values["next_attempt_at"] = self.clock.now() + timedelta(seconds=delay)
         async with self.db.transaction(priority="normal") as session:
-            await session.execute(self._mine(item.id).values(**values))
-            if give_up:
+            result = await session.execute(self._mine(item.id).values(**values))
+            if give_up and _changed(result):
                 await self._failed_effects(session, item, error, recipient=False)
         if give_up:
             self.log.warning(
@@ -604,3 +607,8 @@ class OutboxWorker:
                 error=error[:300],
             )
             self.metrics.inc("outbox_deferred_total", kind=item.kind)
+
+
+def _changed(result: Any) -> bool:
+    """The conditional UPDATE found the row still ours (rowcount as the driver reports)."""
+    return int(getattr(result, "rowcount", 1) or 0) > 0
