@@ -10,6 +10,7 @@ MTA is told to come back later (421/452), so it keeps the mail queued.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 from typing import Any
@@ -206,6 +207,10 @@ class _DeskSMTP(SMTP):
     wrong_greeting = "LHLO"  # what an LMTP client sends to an SMTP listener
 
     def __init__(self, handler: DeskHandler, limits: Limits, log: Any, **kwargs: Any) -> None:
+        # aiosmtpd keeps the per-command line limits in one dict on the class: every new
+        # session clears it, so a session's EHLO allowance (SIZE, SMTPUTF8) vanished when
+        # another client connected and its long MAIL FROM got 500. One dict per session.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         super().__init__(handler, **kwargs)
         self.limits = limits
         self.log = log

@@ -64,6 +64,28 @@ async def test_a_bad_envelope_is_stored_and_fails_no_neighbour(any_desk: Harness
     assert states == {"processed"}
 
 
+async def test_a_long_mail_from_survives_another_client_connecting(desk: Harness) -> None:
+    """EHLO raises MAIL's line limit (SIZE, SMTPUTF8); another session connecting in
+    between must not take that back (aiosmtpd kept the limits in one class-wide dict)."""
+    port = desk.daemon.smtp_port
+
+    def run() -> str:
+        first = Wire(port)
+        try:
+            first.reply()
+            first.cmd("EHLO client.test")
+            second = Wire(port)  # a new session: aiosmtpd cleared the shared limits
+            second.reply()
+            long_from = "x" * 500 + "@long.test"  # 533 bytes with SMTPUTF8: over 512
+            return first.cmd(f"MAIL FROM:<{long_from}> SMTPUTF8")[0]
+        finally:
+            first.close()
+            with contextlib.suppress(NameError):
+                second.close()
+
+    assert (await asyncio.to_thread(run)).startswith("250")
+
+
 async def test_one_failing_message_never_fails_its_commit_group(any_desk: Harness) -> None:
     """The group commit falls back to one transaction each when the batch fails."""
     desk = any_desk
