@@ -252,6 +252,30 @@ def link_in(mail: EmailMessage) -> str:
     return match.group(1)
 
 
+async def serve_config(
+    path: Path, relay_port: int, smtp_port: int, http_port: int, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """Config for a real ``iqmaild serve`` process written to ``path`` (TOML), its
+    SQLite database beside it migrated and holding the test directory."""
+    smtp = {"listen": f"127.0.0.1:{smtp_port}", **sections.pop("smtp", {})}
+    http = {"listen": f"127.0.0.1:{http_port}", **sections.pop("http", {})}
+    sections.setdefault("logging", {"level": "warning"})
+    data = config_dict(
+        f"sqlite+aiosqlite:///{path.with_suffix('.db')}",
+        relay_port,
+        smtp=smtp,
+        http=http,
+        **sections,
+    )
+    path.write_text(to_toml(data), encoding="utf-8")
+    db = Database(data["database"]["url"])
+    await schema.upgrade(db)
+    async with db.transaction() as session:
+        await import_directory(session, DIRECTORY, datetime.now(UTC))
+    await db.dispose()
+    return data
+
+
 async def start_harness(
     tmp_path: Path,
     db_url: str | None = None,

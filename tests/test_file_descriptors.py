@@ -13,14 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from iqmaild.deliver.capture import CaptureRelay
-from iqmaild.storage import schema
-from iqmaild.storage.db import Database
-from iqmaild.storage.directory import import_directory
-from tests.harness import DIRECTORY, config_dict, to_toml
+from tests.harness import serve_config
 from tests.test_durability import _free_port, _wait
 
 
@@ -34,20 +30,8 @@ async def test_a_connection_flood_neither_stops_the_daemon_nor_floods_the_log(
     relay = CaptureRelay()
     relay_port = await relay.start()
     smtp_port, http_port = _free_port(), _free_port()
-    data = config_dict(
-        f"sqlite+aiosqlite:///{tmp_path / 'f.db'}",
-        relay_port,
-        smtp={"listen": f"127.0.0.1:{smtp_port}", "max_connections": 500},
-        http={"listen": f"127.0.0.1:{http_port}"},
-        logging={"level": "warning"},
-    )
     conf = tmp_path / "f.toml"
-    conf.write_text(to_toml(data), encoding="utf-8")
-    db = Database(data["database"]["url"])
-    await schema.upgrade(db)
-    async with db.transaction() as session:
-        await import_directory(session, DIRECTORY, datetime.now(UTC))
-    await db.dispose()
+    await serve_config(conf, relay_port, smtp_port, http_port, smtp={"max_connections": 500})
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

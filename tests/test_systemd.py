@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,7 @@ import pytest
 from iqmaild.config import parse_config
 from iqmaild.deliver.capture import CaptureRelay
 from iqmaild.rendering import shipped_templates_dir
-from iqmaild.storage import schema
-from iqmaild.storage.db import Database
-from iqmaild.storage.directory import import_directory
-from tests.harness import DESK, DIRECTORY, Harness, config_dict, parse, to_toml
+from tests.harness import DESK, Harness, config_dict, parse, serve_config, to_toml
 from tests.ingest.test_smtp import mail_bytes
 from tests.test_durability import _free_port, _wait
 
@@ -106,21 +102,8 @@ async def _serve(tmp_path: Path, env: dict[str, str], **sections: Any) -> Served
     relay = CaptureRelay()
     relay_port = await relay.start()
     smtp_port, http_port = _free_port(), _free_port()
-    data = config_dict(
-        f"sqlite+aiosqlite:///{tmp_path / 's.db'}",
-        relay_port,
-        smtp={"listen": f"127.0.0.1:{smtp_port}"},
-        http={"listen": f"127.0.0.1:{http_port}"},
-        logging={"level": "warning"},
-        **sections,
-    )
     conf = tmp_path / "s.toml"
-    conf.write_text(to_toml(data), encoding="utf-8")
-    db = Database(data["database"]["url"])
-    await schema.upgrade(db)
-    async with db.transaction() as session:
-        await import_directory(session, DIRECTORY, datetime.now(UTC))
-    await db.dispose()
+    data = await serve_config(conf, relay_port, smtp_port, http_port, **sections)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
